@@ -1,0 +1,54 @@
+"""Builds Klaviyo filter expressions (`equals(...)`, `any(...)`, `greater-than(...)`).
+
+Values are quoted the way Klaviyo's filter grammar wants them: strings in double quotes with
+`\\` and `"` escaped, booleans bare, datetimes bare RFC 3339 in UTC with `Z`.
+"""
+
+from datetime import datetime, timezone
+from typing import List, Optional, Sequence
+
+
+def quoted(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def filter_datetime(value: datetime) -> str:
+    """UTC, `Z`, whole seconds rounded down.
+
+    `+00:00` is rejected in filters (a raw `+` decodes to a space), and rounding down only
+    widens a `greater-than` window, so nothing at the bound is missed.
+    """
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def joined_after(since: datetime) -> str:
+    return f"greater-than(joined_group_at,{filter_datetime(since)})"
+
+
+def all_of(expressions: Sequence[str]) -> Optional[str]:
+    """Combine expressions with `and(...)`; None when there is nothing to filter on."""
+    if not expressions:
+        return None
+    if len(expressions) == 1:
+        return expressions[0]
+    return f"and({','.join(expressions)})"
+
+
+def segment_selection(
+    segment_ids: Optional[Sequence[str]] = None,
+    segment_names: Optional[Sequence[str]] = None,
+    is_active: Optional[bool] = None,
+    is_starred: Optional[bool] = None,
+) -> Optional[str]:
+    """The `filter` for GET /api/segments that selects the segments a user configured."""
+    expressions: List[str] = []
+    if segment_ids:
+        expressions.append(f"any(id,[{','.join(quoted(value) for value in segment_ids)}])")
+    if segment_names:
+        expressions.append(f"any(name,[{','.join(quoted(value) for value in segment_names)}])")
+    if is_active is not None:
+        expressions.append(f"equals(is_active,{str(is_active).lower()})")
+    if is_starred is not None:
+        expressions.append(f"equals(is_starred,{str(is_starred).lower()})")
+    return all_of(expressions)

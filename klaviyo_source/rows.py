@@ -1,0 +1,168 @@
+"""Shapes Klaviyo's JSON:API resources into flat table rows, and declares those tables' columns.
+
+Rows are named after Klaviyo's attributes: the envelope (`type`, `attributes`, `links`,
+`relationships`) is dropped and `id` sits beside the attributes. Free-form JSON (a segment's
+`definition`, a profile's `properties` and `subscriptions`) stays one JSON column; `location`
+and `predictive_analytics` flatten into `location__city`-style columns.
+"""
+
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional
+
+import dlt
+from dlt.common import json
+from dlt.common.schema.typing import TTableSchemaColumns
+from dlt.extract.hints import TResourceHints
+
+from . import settings
+
+Row = Dict[str, Any]
+
+
+def parse_datetime(value: str) -> datetime:
+    """Klaviyo datetimes come with `Z`, offsets and fractions of any length; return UTC."""
+    return datetime.fromisoformat(value).astimezone(timezone.utc)
+
+
+def membership_key(segment_id: str, profile_id: str) -> str:
+    """Single-column key of a membership (compound merge keys are unsafe in dlt, #4244)."""
+    return f"{segment_id}:{profile_id}"
+
+
+def segment_row(resource: Dict[str, Any]) -> Row:
+    attributes = resource.get("attributes") or {}
+    row: Row = {"id": resource["id"]}
+    for name in settings.SEGMENT_ATTRIBUTES:
+        row[name] = attributes.get(name)
+    row["deleted_at"] = None
+    return row
+
+
+def deleted_segment_row(held_row: Row, deleted_at: datetime) -> Row:
+    """The last known row of a segment Klaviyo no longer has, marked deleted."""
+    row = {name: value for name, value in held_row.items() if not name.startswith("_dlt_")}
+    if isinstance(row.get("definition"), str):
+        row["definition"] = json.loads(row["definition"])
+    row["deleted_at"] = deleted_at
+    return row
+
+
+def segment_tag_ids(resource: Dict[str, Any]) -> List[str]:
+    """Tag ids linked to a segment, from a listing made with `include=tags`."""
+    tags = (resource.get("relationships") or {}).get("tags") or {}
+    return [link["id"] for link in tags.get("data") or []]
+
+
+def tag_row(resource: Dict[str, Any]) -> Row:
+    return {"id": resource["id"], "name": (resource.get("attributes") or {}).get("name")}
+
+
+def profile_row(resource: Dict[str, Any]) -> Row:
+    """A profile's attributes without the segment-specific `joined_group_at`."""
+    row: Row = {"id": resource["id"]}
+    for name, value in (resource.get("attributes") or {}).items():
+        if name != "joined_group_at":
+            row[name] = value
+    return row
+
+
+def membership_row(
+    segment_id: str,
+    profile_id: str,
+    joined_group_at: datetime,
+    first_seen_at: datetime,
+    last_seen_at: datetime,
+    left_detected_at: Optional[datetime] = None,
+    left_reason: Optional[str] = None,
+) -> Row:
+    return {
+        "membership_id": membership_key(segment_id, profile_id),
+        "segment_id": segment_id,
+        "profile_id": profile_id,
+        "joined_group_at": joined_group_at,
+        "first_seen_at": first_seen_at,
+        "last_seen_at": last_seen_at,
+        "is_member": left_detected_at is None,
+        "left_detected_at": left_detected_at,
+        "left_reason": left_reason,
+    }
+
+
+SEGMENT_COLUMNS: TTableSchemaColumns = {
+    "id": {"data_type": "text", "nullable": False},
+    "name": {"data_type": "text"},
+    "definition": {"data_type": "json"},
+    "created": {"data_type": "timestamp"},
+    "updated": {"data_type": "timestamp"},
+    "is_active": {"data_type": "bool"},
+    "is_processing": {"data_type": "bool"},
+    "is_starred": {"data_type": "bool"},
+    "deleted_at": {"data_type": "timestamp"},
+}
+TAG_COLUMNS: TTableSchemaColumns = {
+    "id": {"data_type": "text", "nullable": False},
+    "name": {"data_type": "text"},
+}
+SEGMENT_TAG_COLUMNS: TTableSchemaColumns = {
+    "segment_id": {"data_type": "text", "nullable": False},
+    "tag_id": {"data_type": "text", "nullable": False},
+}
+MEMBERSHIP_COLUMNS: TTableSchemaColumns = {
+    "membership_id": {"data_type": "text", "nullable": False},
+    "segment_id": {"data_type": "text", "nullable": False},
+    "profile_id": {"data_type": "text", "nullable": False},
+    "joined_group_at": {"data_type": "timestamp"},
+    "first_seen_at": {"data_type": "timestamp"},
+    "last_seen_at": {"data_type": "timestamp"},
+    "is_member": {"data_type": "bool"},
+    "left_detected_at": {"data_type": "timestamp"},
+    "left_reason": {"data_type": "text"},
+}
+PROFILE_COLUMNS: TTableSchemaColumns = {
+    "id": {"data_type": "text", "nullable": False},
+    "email": {"data_type": "text"},
+    "phone_number": {"data_type": "text"},
+    "external_id": {"data_type": "text"},
+    "created": {"data_type": "timestamp"},
+    "updated": {"data_type": "timestamp"},
+    "last_event_date": {"data_type": "timestamp"},
+    # Klaviyo sends coordinates as strings or numbers; one numeric column keeps them queryable.
+    "location__latitude": {"data_type": "double"},
+    "location__longitude": {"data_type": "double"},
+    "properties": {"data_type": "json"},
+    "subscriptions": {"data_type": "json"},
+}
+
+
+def membership_hints() -> TResourceHints:
+    """Hints of the `segment_memberships` table, kept apart from the profiles' own."""
+    return dlt.mark.make_hints(
+        table_name=settings.MEMBERSHIPS_TABLE,
+        write_disposition="merge",
+        primary_key="membership_id",
+        columns=MEMBERSHIP_COLUMNS,
+    )
+
+
+def profile_hints() -> TResourceHints:
+    """Hints that route profile rows, emitted by the membership walk, to their own table."""
+    return dlt.mark.make_hints(
+        table_name=settings.PROFILES_TABLE,
+        write_disposition="merge",
+        primary_key="id",
+        columns=PROFILE_COLUMNS,
+    )
+
+
+def as_memberships(rows: List[Row]) -> Any:
+    """Mark a page of membership rows for their table.
+
+    The membership walk writes two tables, so neither may take its columns from the resource
+    itself: dlt would give the profiles table the memberships' columns too.
+    """
+    return dlt.mark.with_hints(rows, membership_hints(), create_table_variant=True)
+
+
+def as_profiles(rows: List[Row]) -> Any:
+    """Mark a page of profile rows for the `profiles` table."""
+    return dlt.mark.with_hints(rows, profile_hints(), create_table_variant=True)

@@ -1,0 +1,74 @@
+"""Which segments exist now: Klaviyo's listing, plus the held segments it no longer shows.
+
+A segment loaded before and missing from today's listing is either deleted or simply no
+longer selected (renamed out of a name filter, made inactive). One GET of that segment tells
+which: a 404 means deleted. Configured segment ids Klaviyo has never had are a user error.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+from .client import KlaviyoClient
+from .errors import KlaviyoConfigError, KlaviyoNotFound
+from .held import HeldData
+
+
+@dataclass(frozen=True)
+class ListedSegment:
+    """A segment as this run sees it: live (`resource`) or gone (`held_row` + `deleted_at`).
+
+    `held` reads what the destination holds; it travels with each segment because it must be
+    made in the pipeline's own thread, where the listing runs.
+    """
+
+    id: str
+    held: HeldData
+    resource: Optional[Dict[str, Any]] = None
+    held_row: Optional[Dict[str, Any]] = None
+    deleted_at: Optional[datetime] = None
+
+    @property
+    def name(self) -> Optional[str]:
+        if self.resource is not None:
+            return (self.resource.get("attributes") or {}).get("name")
+        return (self.held_row or {}).get("name")
+
+
+def list_segments(
+    client: KlaviyoClient,
+    selection_filter: Optional[str],
+    configured_ids: Sequence[str],
+    held: HeldData,
+    now: datetime,
+) -> Iterator[ListedSegment]:
+    """Yield every selected live segment, then every held segment that was deleted.
+
+    The listing is read whole before anything is yielded, so that a misconfigured segment id
+    fails the run before any segment is walked.
+    """
+    live = [
+        ListedSegment(id=resource["id"], held=held, resource=resource)
+        for document in client.get_segments(filter=selection_filter, include=["tags"])
+        for resource in document.get("data") or []
+    ]
+    listed = {segment.id for segment in live}
+    held_live = held.live_segments()
+    unknown = [value for value in configured_ids if value not in listed and value not in held_live]
+    if unknown:
+        raise KlaviyoConfigError(
+            f"Klaviyo has no segment with id {', '.join(unknown)}. Fix [sources.klaviyo] "
+            "segment_ids (or --segments): the id is the last part of the segment's URL in Klaviyo."
+        )
+    yield from live
+    for segment_id, held_row in held_live.items():
+        if segment_id not in listed and _is_deleted(client, segment_id):
+            yield ListedSegment(id=segment_id, held=held, held_row=held_row, deleted_at=now)
+
+
+def _is_deleted(client: KlaviyoClient, segment_id: str) -> bool:
+    try:
+        client.get_segment(segment_id, fields_segment=["name"])
+    except KlaviyoNotFound:
+        return True
+    return False

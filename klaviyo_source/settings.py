@@ -1,0 +1,71 @@
+"""Constants of the Klaviyo source: endpoints, page sizes, rate tiers, defaults and state keys.
+
+Everything that is a fact about Klaviyo's API, or a default a user may override in
+`.dlt/config.toml`, lives here and nowhere else.
+"""
+
+from datetime import timedelta
+from typing import Dict, Final, Tuple
+
+DEFAULT_BASE_URL: Final = "https://a.klaviyo.com"
+DEFAULT_REVISION: Final = "2025-04-15"
+MEDIA_TYPE: Final = "application/vnd.api+json"
+
+# Largest page Klaviyo serves per endpoint (revision 2024-10-15 and later).
+SEGMENT_PROFILES_PAGE_SIZE: Final = 100
+TAGS_PAGE_SIZE: Final = 50
+
+# A late-visible join (one whose joined_group_at is older than the newest join already
+# seen) is caught when it lies within this window behind a segment's cursor. One hour covers
+# Klaviyo's asynchronous membership evaluation of a live segment while keeping a no-change
+# run at one request per segment; anything older is caught by reconciliation.
+DEFAULT_LOOKBACK: Final = timedelta(hours=1)
+
+# Attributes of a profile as the segment-profiles endpoint returns them (revision 2025-04-15).
+PROFILE_ATTRIBUTES: Final[Tuple[str, ...]] = (
+    "email",
+    "phone_number",
+    "external_id",
+    "first_name",
+    "last_name",
+    "organization",
+    "locale",
+    "title",
+    "image",
+    "created",
+    "updated",
+    "last_event_date",
+    "location",
+    "properties",
+)
+SEGMENT_ATTRIBUTES: Final[Tuple[str, ...]] = (
+    "name",
+    "definition",
+    "created",
+    "updated",
+    "is_active",
+    "is_processing",
+    "is_starred",
+)
+# Profile fields that cost a stricter rate tier and so are off unless asked for.
+OPTIONAL_PROFILE_FIELDS: Final[Tuple[str, ...]] = ("subscriptions", "predictive_analytics")
+
+# Klaviyo's published rate tiers: (requests per second, requests per minute).
+RATE_TIERS: Final[Dict[str, Tuple[int, int]]] = {
+    "XS": (1, 15),
+    "S": (3, 60),
+    "M": (10, 150),
+    "L": (75, 750),
+    "XL": (350, 3500),
+}
+
+# State keys, kept stable: renaming one silently restarts every cursor.
+CURSORS_STATE_KEY: Final = "joined_group_at"
+FAILURES_STATE_KEY: Final = "failed_segments"
+
+# Table names, shared by the resources and the reader of what the destination holds.
+SEGMENTS_TABLE: Final = "segments"
+TAGS_TABLE: Final = "tags"
+SEGMENT_TAGS_TABLE: Final = "segment_tags"
+MEMBERSHIPS_TABLE: Final = "segment_memberships"
+PROFILES_TABLE: Final = "profiles"

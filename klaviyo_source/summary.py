@@ -1,0 +1,40 @@
+"""What a run reports back: members per segment as loaded, and the segments that failed."""
+
+from typing import Dict
+
+from dlt.common.pipeline import SupportsPipeline
+
+from . import settings
+
+_MEMBERS_PER_SEGMENT = f"""
+SELECT s.id, s.name, SUM(CASE WHEN m.is_member THEN 1 ELSE 0 END) AS members
+FROM {settings.SEGMENTS_TABLE} AS s
+LEFT JOIN {settings.MEMBERSHIPS_TABLE} AS m ON m.segment_id = s.id
+WHERE s.deleted_at IS NULL
+GROUP BY s.id, s.name
+ORDER BY members DESC, s.name
+"""
+
+
+def failed_segments(pipeline: SupportsPipeline) -> Dict[str, str]:
+    """Segments whose walk failed in the last run, with the reason; empty when all worked."""
+    source_state = pipeline.state.get("sources", {}).get("klaviyo", {})
+    return dict(source_state.get(settings.FAILURES_STATE_KEY) or {})
+
+
+def membership_summary(pipeline: SupportsPipeline) -> str:
+    """A short table of current members per live segment, read from the destination."""
+    dataset = pipeline.dataset()  # type: ignore[attr-defined]
+    if settings.SEGMENTS_TABLE not in dataset.tables:
+        return "No segments loaded."
+    if settings.MEMBERSHIPS_TABLE not in dataset.tables:
+        query = f"SELECT id, name, 0 AS members FROM {settings.SEGMENTS_TABLE} ORDER BY name"
+    else:
+        query = _MEMBERS_PER_SEGMENT
+    rows = dataset(query).fetchall()
+    width = max([len(str(name)) for _, name, _ in rows] + [len("segment")])
+    lines = [f"{'segment':<{width}}  {'id':<8}  members", "-" * (width + 19)]
+    lines += [f"{str(name):<{width}}  {segment_id:<8}  {int(members or 0):>7}" for segment_id, name, members in rows]
+    total = sum(int(members or 0) for _, _, members in rows)
+    lines.append(f"{len(rows)} segments, {total} memberships")
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Shared fixtures: a simulated Klaviyo account served over HTTP, and pipelines into DuckDB files."""
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator
+
+import dlt
+import pytest
+
+from klaviyo_source import klaviyo
+from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
+
+# Small enough to run in seconds, large enough that the biggest segment spans many pages and
+# holds ties on joined_group_at across page boundaries.
+ACCOUNT_SIZE: Dict[str, int] = {"segments": 8, "tags": 6, "profiles": 1200, "memberships": 3000}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dlt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test's pipeline state and working files inside its own temporary folder."""
+    monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt_data"))
+    for name in list(os.environ):
+        if name.startswith(("SOURCES__", "DESTINATION__")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def account() -> Account:
+    return generate_account(seed=11, **ACCOUNT_SIZE)
+
+
+@pytest.fixture
+def simulator(account: Account) -> Iterator[KlaviyoSimulator]:
+    with KlaviyoSimulator(account, rate_limits=False) as served:
+        yield served
+
+
+@pytest.fixture
+def make_pipeline(tmp_path: Path) -> Callable[..., dlt.Pipeline]:
+    """A pipeline named like the real one, loading into a DuckDB file of the test's own."""
+
+    def make(name: str = "klaviyo_segments", **kwargs: Any) -> dlt.Pipeline:
+        return dlt.pipeline(
+            pipeline_name=name,
+            pipelines_dir=str(tmp_path / "pipelines"),
+            destination=dlt.destinations.duckdb(str(tmp_path / f"{name}.duckdb")),
+            dataset_name="klaviyo",
+            **kwargs,
+        )
+
+    return make
+
+
+@pytest.fixture
+def source_for(simulator: KlaviyoSimulator) -> Callable[..., Any]:
+    """The Klaviyo source pointed at the simulator, with any option overridden."""
+
+    def make(**options: Any) -> Any:
+        return klaviyo(api_key=simulator.api_key, base_url=simulator.base_url, **options)
+
+    return make

@@ -1,0 +1,110 @@
+"""The pipeline script and dlt's CLI, run as a user runs them: as processes, configured by env."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Iterator
+
+import duckdb
+import pytest
+
+from klaviyo_source.simulator import Account, KlaviyoSimulator
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "pipelines" / "klaviyo_pipeline.py"
+DLT = Path(sys.executable).with_name("dlt")
+
+
+@pytest.fixture
+def user_env(tmp_path: Path) -> Dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("SOURCES__", "DESTINATION__", "RUNTIME__"))
+    }
+    env["DLT_DATA_DIR"] = str(tmp_path / "dlt_home")
+    env["DESTINATION__DUCKDB__CREDENTIALS"] = str(tmp_path / "export.duckdb")
+    return env
+
+
+@pytest.fixture
+def served(account: Account) -> Iterator[KlaviyoSimulator]:
+    with KlaviyoSimulator(account, rate_limits=False) as simulator:
+        yield simulator
+
+
+def _run(args: list, env: Dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_script_exports_the_account_and_dlt_cli_works_after_it(
+    account: Account, served: KlaviyoSimulator, user_env: Dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(user_env)
+    env["SOURCES__KLAVIYO__API_KEY"] = served.api_key
+    env["SOURCES__KLAVIYO__BASE_URL"] = served.base_url
+    result = _run([sys.executable, str(SCRIPT)], env)
+    assert result.returncode == 0, result.stderr
+
+    with duckdb.connect(str(tmp_path / "export.duckdb"), read_only=True) as connection:
+        loaded = connection.execute(
+            "SELECT count(*) FROM klaviyo.segment_memberships WHERE is_member"
+        ).fetchone()
+    assert loaded is not None
+    assert loaded[0] == sum(len(members) for members in account.memberships().values())
+    assert f"{loaded[0]} memberships" in result.stdout
+
+    info = _run([str(DLT), "pipeline", "klaviyo_segments", "info"], env)
+    assert info.returncode == 0, info.stderr
+    assert "segment_memberships" in info.stdout
+    trace = _run([str(DLT), "pipeline", "klaviyo_segments", "trace"], env)
+    assert trace.returncode == 0, trace.stderr
+    assert served.api_key not in trace.stdout + trace.stderr
+
+    segment_id = next(sid for sid, members in account.memberships().items() if members)
+    path = f"resources.segment_memberships.joined_group_at.{segment_id}"
+    dropped = _run(
+        [str(DLT), "pipeline", "klaviyo_segments", "drop", "--state-paths", path, "-y"], env
+    )
+    assert dropped.returncode == 0, dropped.stderr
+    served.reset_counters()
+    again = _run([sys.executable, str(SCRIPT)], env)
+    assert again.returncode == 0, again.stderr
+    walked = [r for r in served.request_log if r.operation == "get_segment_profiles"]
+    populated = {sid for sid, members in account.memberships().items() if members}
+    reset = [r for r in walked if f"/segments/{segment_id}/" in r.path]
+    others = [
+        r
+        for r in walked
+        if f"/segments/{segment_id}/" not in r.path and r.path.split("/")[3] in populated
+    ]
+    # The reset segment is read from the beginning (no filter), the others incrementally.
+    assert reset and all("filter" not in r.query for r in reset)
+    assert others and all(r.query.get("filter", "").startswith("greater-than") for r in others)
+
+
+def test_wrong_key_fails_with_one_clear_line(
+    served: KlaviyoSimulator, user_env: Dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(user_env)
+    env["SOURCES__KLAVIYO__API_KEY"] = "pk_not_a_real_key_123"
+    env["SOURCES__KLAVIYO__BASE_URL"] = served.base_url
+    result = _run([sys.executable, str(SCRIPT)], env)
+
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "401" in lines[0] and "SOURCES__KLAVIYO__API_KEY" in lines[0]
+    assert "pk_not_a_real_key_123" not in result.stdout + result.stderr
+
+
+def test_missing_key_names_where_to_put_it(user_env: Dict[str, str]) -> None:
+    result = _run([sys.executable, str(SCRIPT)], user_env)
+
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "SOURCES__KLAVIYO__API_KEY" in lines[0]

@@ -1,0 +1,273 @@
+"""The source against the simulator, loaded into a real DuckDB file and compared with the truth."""
+
+import json
+import math
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Dict, List, Optional
+
+import dlt
+import pytest
+from expected import (
+    loaded_memberships,
+    loaded_segment_tags,
+    loaded_segments,
+    loaded_tags,
+    query,
+    table_snapshot,
+    true_memberships,
+    true_segments,
+    utc,
+)
+
+from klaviyo_source import settings
+from klaviyo_source.errors import KlaviyoConfigError
+from klaviyo_source.simulator import Account, KlaviyoSimulator
+
+LOOKBACK = settings.DEFAULT_LOOKBACK
+
+
+def _cursor_state(pipeline: dlt.Pipeline) -> Dict[str, str]:
+    resources = pipeline.state["sources"]["klaviyo"]["resources"]
+    return dict(resources["segment_memberships"][settings.CURSORS_STATE_KEY])
+
+
+def _expected_profile_pages(
+    account: Account, cursors: Dict[str, Optional[datetime]], page_size: int = 100
+) -> int:
+    """Requests an incremental walk of every live segment must make, from the truth alone."""
+    total = 0
+    for segment_id, members in account.memberships().items():
+        cursor = cursors.get(segment_id)
+        if cursor is None:
+            rows = len(members)
+        else:
+            since = (cursor - LOOKBACK).replace(microsecond=0)
+            rows = sum(1 for joined in members.values() if joined > since)
+        total += max(1, math.ceil(rows / page_size))
+    return total
+
+
+def _outsiders(account: Account, segment_id: str, count: int) -> List[str]:
+    members = account.members(segment_id)
+    return [profile_id for profile_id in account.profiles() if profile_id not in members][:count]
+
+
+def _largest_segment(account: Account) -> str:
+    return max(account.memberships().items(), key=lambda item: len(item[1]))[0]
+
+
+def test_first_run_loads_every_table_as_the_truth(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+
+    assert loaded_segments(pipeline) == true_segments(account)
+    assert loaded_tags(pipeline) == account.tags()
+    assert loaded_segment_tags(pipeline) == account.segment_tags()
+    assert loaded_memberships(pipeline) == true_memberships(account)
+
+    profiles = account.profiles()
+    member_ids = {pid for members in account.memberships().values() for pid in members}
+    rows = query(
+        pipeline,
+        "SELECT id, email, phone_number, external_id, first_name, last_name, location__city, "
+        "properties FROM profiles",
+    )
+    assert {row[0] for row in rows} == member_ids
+    for profile_id, email, phone, external_id, first, last, city, properties in rows:
+        truth = profiles[profile_id]
+        assert (email, phone, external_id, first, last) == (
+            truth["email"],
+            truth["phone_number"],
+            truth["external_id"],
+            truth["first_name"],
+            truth["last_name"],
+        )
+        assert city == (truth.get("location") or {}).get("city")
+        loaded_properties = json.loads(properties) if isinstance(properties, str) else properties
+        assert loaded_properties == (truth.get("properties") or None) or (
+            loaded_properties in ({}, None) and not truth.get("properties")
+        )
+
+
+def test_each_segment_keeps_its_own_cursor(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+
+    cursors = _cursor_state(pipeline)
+    for segment_id, members in account.memberships().items():
+        if members:
+            assert datetime.fromisoformat(cursors[segment_id]) == max(members.values())
+        else:
+            assert segment_id not in cursors
+
+
+def test_second_run_fetches_only_new_pages_and_matches_the_truth(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    source_for: Callable,
+    make_pipeline: Callable,
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    cursors = {sid: max(m.values()) if m else None for sid, m in account.memberships().items()}
+    first_seen = dict(
+        query(pipeline, "SELECT membership_id, first_seen_at FROM segment_memberships")
+    )
+
+    now = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=5)
+    big = _largest_segment(account)
+    small = min(
+        (sid for sid, members in account.memberships().items() if members and sid != big),
+        key=lambda sid: len(account.members(sid)),
+    )
+    newcomer, late = _outsiders(account, small, 2)
+    account.join(small, newcomer, at=now)
+    # Late-visible: joined before the newest join already loaded, but inside the lookback.
+    account.join(small, late, at=cursors[small] - timedelta(minutes=20))
+    rejoiner = next(iter(account.members(big)))
+    account.rejoin(big, rejoiner, at=now)
+    # 250 joins sharing one timestamp span three pages of 100.
+    for profile_id in _outsiders(account, big, 250):
+        account.join(big, profile_id, at=now - timedelta(seconds=1))
+    created = account.create_segment("Created between runs")
+    for profile_id in list(account.profiles())[:130]:
+        account.join(created, profile_id, at=now - timedelta(days=3))
+
+    simulator.reset_counters()
+    pipeline.run(source_for())
+
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    assert loaded_segments(pipeline) == true_segments(account)
+    assert simulator.counters["get_segment_profiles"] == _expected_profile_pages(account, cursors)
+    rejoined = query(
+        pipeline,
+        f"SELECT joined_group_at FROM segment_memberships WHERE membership_id = '{big}:{rejoiner}'",
+    )
+    assert utc(rejoined[0][0]) == now
+    # Rows fetched again by the lookback window keep the time they were first seen.
+    for membership_id, seen in query(
+        pipeline, "SELECT membership_id, first_seen_at FROM segment_memberships"
+    ):
+        if membership_id in first_seen and membership_id != f"{big}:{rejoiner}":
+            assert seen == first_seen[membership_id]
+
+
+def test_no_change_run_makes_one_request_per_segment_and_changes_nothing(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    source_for: Callable,
+    make_pipeline: Callable,
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    before = {table: table_snapshot(pipeline, table) for table in _DATA_TABLES}
+    cursors = {sid: max(m.values()) if m else None for sid, m in account.memberships().items()}
+
+    simulator.reset_counters()
+    pipeline.run(source_for())
+
+    segment_count = len(account.segments())
+    assert simulator.counters["get_segments"] == math.ceil(segment_count / 10)
+    assert simulator.counters["get_segment_profiles"] == _expected_profile_pages(account, cursors)
+    assert simulator.counters["get_segment_profiles"] == segment_count
+    assert simulator.counters["get_segment"] == 0
+    assert {table: table_snapshot(pipeline, table) for table in _DATA_TABLES} == before
+
+
+_DATA_TABLES = ("segments", "tags", "segment_tags", "segment_memberships", "profiles")
+
+
+def test_deleted_segment_ends_its_memberships_and_rename_updates_the_row(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    populated = [sid for sid, members in account.memberships().items() if members]
+    doomed, renamed = populated[0], populated[1]
+    doomed_members = set(account.members(doomed))
+    account.delete_segment(doomed)
+    account.rename_segment(renamed, "Renamed segment")
+
+    pipeline.run(source_for())
+
+    segments = loaded_segments(pipeline)
+    assert segments[doomed]["deleted_at"] is not None
+    assert segments[renamed]["name"] == "Renamed segment"
+    rows = query(
+        pipeline,
+        "SELECT profile_id, is_member, left_reason, left_detected_at FROM segment_memberships "
+        f"WHERE segment_id = '{doomed}'",
+    )
+    assert {row[0] for row in rows} == doomed_members
+    assert all(not is_member and reason == "segment_deleted" and left for _, is_member, reason, left in rows)
+    assert loaded_memberships(pipeline) == true_memberships(account)
+
+
+def test_tag_removed_from_a_segment_leaves_the_link_table(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    segment_id, tag_id = sorted(account.segment_tags())[0]
+    account.untag_segment(segment_id, tag_id)
+
+    pipeline.run(source_for())
+
+    assert (segment_id, tag_id) not in loaded_segment_tags(pipeline)
+    assert loaded_segment_tags(pipeline) == account.segment_tags()
+
+
+def test_membership_only_mode_asks_for_joined_group_at_alone(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    source_for: Callable,
+    make_pipeline: Callable,
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for(include_profiles=False))
+
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    assert "profiles" not in pipeline.default_schema.tables
+    profile_requests = [r for r in simulator.request_log if r.operation == "get_segment_profiles"]
+    assert profile_requests
+    assert all(r.query.get("fields[profile]") == "joined_group_at" for r in profile_requests)
+
+
+@pytest.mark.parametrize("selector", ["ids", "names", "is_starred"])
+def test_segment_selection(
+    account: Account, source_for: Callable, make_pipeline: Callable, selector: str
+) -> None:
+    segments = account.segments()
+    chosen = sorted(segments)[:2]
+    if selector == "ids":
+        options = {"segment_ids": chosen}
+    elif selector == "names":
+        options = {"segment_names": [segments[sid]["name"] for sid in chosen]}
+    else:
+        chosen = [sid for sid, attrs in segments.items() if attrs["is_starred"]]
+        options = {"is_starred": True}
+    assert chosen, "the generated account must have segments to select"
+    pipeline = make_pipeline()
+    pipeline.run(source_for(**options))
+
+    assert set(loaded_segments(pipeline)) == set(chosen)
+    truth = {sid: m for sid, m in true_memberships(account).items() if sid in chosen}
+    assert loaded_memberships(pipeline) == truth
+
+
+def test_unknown_segment_id_fails_before_anything_is_written(
+    source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    with pytest.raises(Exception) as raised:
+        pipeline.run(source_for(segment_ids=["NoSuch"]))
+    cause = raised.value
+    while cause.__cause__ is not None and not isinstance(cause, KlaviyoConfigError):
+        cause = cause.__cause__
+    assert isinstance(cause, KlaviyoConfigError)
+    assert "NoSuch" in str(cause)
+    assert "segments" not in pipeline.dataset().tables
