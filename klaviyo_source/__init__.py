@@ -7,7 +7,7 @@ on `membership_id`) and `profiles` (merged on id). Memberships load incrementall
 `sources.klaviyo.resources.segment_memberships.joined_group_at.<segment id>`.
 """
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Iterator, List, Optional, Sequence
 
 import dlt
@@ -26,14 +26,7 @@ from .errors import (
 )
 from .filters import segment_selection
 from .held import HeldData
-from .memberships import (
-    MembershipOptions,
-    WalkStats,
-    close_segment_memberships,
-    log_walk,
-    next_cursor,
-    walk_segment,
-)
+from .memberships import MembershipOptions, SegmentSync, close_segment, log_sync, next_cursor
 from .rate_limits import RateLimiter
 from .rows import (
     SEGMENT_COLUMNS,
@@ -51,22 +44,9 @@ from .segment_listing import ListedSegment, list_segments
 __all__ = ["klaviyo", "KlaviyoClient", "KlaviyoConfigError"]
 
 
-def _options(
-    include_profiles: bool, profile_additional_fields: Optional[Sequence[str]], lookback_minutes: float
-) -> MembershipOptions:
-    extra = list(profile_additional_fields or [])
-    unknown = [name for name in extra if name not in settings.OPTIONAL_PROFILE_FIELDS]
-    if unknown:
-        raise KlaviyoConfigError(
-            f"profile_additional_fields has {unknown}; allowed are "
-            f"{list(settings.OPTIONAL_PROFILE_FIELDS)}. Fix [sources.klaviyo] profile_additional_fields."
-        )
-    if lookback_minutes < 0:
-        raise KlaviyoConfigError(
-            f"lookback_minutes is {lookback_minutes}; it must be 0 or more. Fix "
-            "[sources.klaviyo] lookback_minutes."
-        )
-    return MembershipOptions(include_profiles, tuple(extra), timedelta(minutes=lookback_minutes))
+def _stored_time(times: dict, segment_id: str) -> Optional[datetime]:
+    stored = times.get(segment_id)
+    return parse_datetime(stored) if stored else None
 
 
 @dlt.source(name="klaviyo", section="klaviyo")
@@ -81,6 +61,10 @@ def klaviyo(
     include_profiles: bool = True,
     profile_additional_fields: Optional[List[str]] = None,
     lookback_minutes: float = settings.DEFAULT_LOOKBACK.total_seconds() / 60,
+    reconcile: str = settings.DEFAULT_RECONCILE,
+    full_reconcile_every_hours: Optional[float] = (
+        settings.DEFAULT_FULL_RECONCILE_EVERY.total_seconds() / 3600
+    ),
     rate_limit_share: float = 1.0,
     rate_limit_time_scale: float = 1.0,
 ) -> Sequence[DltResource]:
@@ -94,10 +78,19 @@ def klaviyo(
         include_profiles: False loads memberships only (`fields[profile]=joined_group_at`).
         profile_additional_fields: Any of "subscriptions", "predictive_analytics" (stricter limits).
         lookback_minutes: How far behind each segment's cursor a run looks again for late joins.
+        reconcile: How leaves are found: "counts" (walk segments whose profile_count differs
+            from the members held), "all" (walk every segment now), "off".
+        full_reconcile_every_hours: Walk each segment in full at least this often; None: never.
         rate_limit_share: Share of the account's published rate limits this source may use.
         rate_limit_time_scale: Speed-up of a simulator's clock; 1 against Klaviyo.
     """
-    options = _options(include_profiles, profile_additional_fields, lookback_minutes)
+    options = MembershipOptions.from_config(
+        include_profiles,
+        profile_additional_fields,
+        lookback_minutes,
+        reconcile,
+        full_reconcile_every_hours,
+    )
     try:
         limiter = RateLimiter(rate_limit_share, rate_limit_time_scale)
     except ValueError as error:
@@ -144,20 +137,27 @@ def klaviyo(
     # Hints are set per page (rows.as_memberships / as_profiles): this resource fills two tables.
     @dlt.transformer(data_from=segment_listing, write_disposition="merge", parallelized=True)
     def segment_memberships(listed: ListedSegment) -> Iterator[object]:
-        cursors = dlt.current.resource_state().setdefault(settings.CURSORS_STATE_KEY, {})
-        failures = dlt.current.source_state()[settings.FAILURES_STATE_KEY]
-        held = listed.held
+        state = dlt.current.resource_state()
+        cursors = state.setdefault(settings.CURSORS_STATE_KEY, {})
+        reconciled = state.setdefault(settings.RECONCILED_STATE_KEY, {})
         if listed.deleted_at is not None:
-            yield from close_segment_memberships(
-                listed.id, held, listed.deleted_at, "segment_deleted"
-            )
+            yield from close_segment(listed.id, listed.held, listed.deleted_at)
             cursors.pop(listed.id, None)
+            reconciled.pop(listed.id, None)
             return
-        stored = cursors.get(listed.id)
-        cursor = parse_datetime(stored) if stored else None
-        stats = WalkStats()
+        sync = SegmentSync(
+            client=client,
+            segment_id=listed.id,
+            is_processing=listed.is_processing,
+            cursor=_stored_time(cursors, listed.id),
+            reconciled_at=_stored_time(reconciled, listed.id),
+            held=listed.held,
+            held_count=listed.held_count,
+            options=options,
+            now=run_started,
+        )
         try:
-            yield from walk_segment(client, listed.id, cursor, held, options, run_started, stats)
+            yield from sync.run()
         except (KlaviyoAuthenticationError, KlaviyoPermissionError):
             raise  # the key is wrong for every segment: stop the run with Klaviyo's reason
         except KlaviyoNotFound:
@@ -166,13 +166,15 @@ def klaviyo(
         except (KlaviyoAPIError, RequestException) as error:
             # Keep the other segments' progress; this one keeps its old cursor and is
             # fetched again from there by the next run.
+            failures = dlt.current.source_state()[settings.FAILURES_STATE_KEY]
             failures[listed.id] = f"segment {listed.id} ({listed.name}): {error}"
             logger.error(failures[listed.id])
             return
-        moved = next_cursor(cursor, stats.newest, datetime.now(timezone.utc))
+        moved = next_cursor(sync.cursor, sync.stats.newest, datetime.now(timezone.utc))
         if moved is not None:
             cursors[listed.id] = moved.isoformat()
-        log_walk(listed.id, listed.name, stats)
+        if sync.walked_in_full:
+            reconciled[listed.id] = run_started.isoformat()
+        log_sync(listed.id, listed.name, sync.stats)
 
     return segments, tags, segment_tags, segment_memberships
-

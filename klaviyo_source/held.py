@@ -22,16 +22,16 @@ from . import settings
 
 @dataclass(frozen=True)
 class HeldMembership:
-    """One membership row as the destination holds it."""
+    """One current membership as the destination holds it."""
 
     profile_id: str
     joined_group_at: datetime
     first_seen_at: datetime
     last_seen_at: datetime
-    is_member: bool
 
 
-_MEMBERSHIP_COLUMNS = ("profile_id", "joined_group_at", "first_seen_at", "last_seen_at", "is_member")
+_MEMBERSHIP_COLUMNS = ("profile_id", "joined_group_at", "first_seen_at", "last_seen_at")
+_CURRENT = "segment_id = %s AND is_member"
 
 
 class HeldData:
@@ -63,19 +63,23 @@ class HeldData:
         schema = self._pipeline.default_schema  # type: ignore[attr-defined]
         return list(schema.tables.get(table, {}).get("columns", {}))
 
-    def _rows(
-        self, table: str, columns: Sequence[str], where: str = "", *args: Any
-    ) -> List[Dict[str, Any]]:
-        if not columns or not set(columns) <= set(self._known_columns(table)):
+    def _fetch(self, table: str, needs: Sequence[str], sql: str, *args: Any) -> List[Sequence[Any]]:
+        """Run `sql` with `{table}` standing for the table; no rows if it was never loaded."""
+        if not needs or not set(needs) <= set(self._known_columns(table)):
             return []
         with self._lock, self._client as client:  # type: ignore[union-attr]
-            selected = ", ".join(client.escape_column_name(column) for column in columns)
-            sql = f"SELECT {selected} FROM {client.make_qualified_table_name(table)} {where}"
+            qualified = client.make_qualified_table_name(table)
             try:
-                rows = client.execute_sql(sql, *args) or []
+                return list(client.execute_sql(sql.format(table=qualified), *args) or [])
             except DatabaseUndefinedRelation:
                 return []  # the schema knows the table but it was never loaded (or was dropped)
-        return [dict(zip(columns, row, strict=True)) for row in rows]
+
+    def _memberships(self, where: str, *args: Any) -> Dict[str, HeldMembership]:
+        sql = f"SELECT {', '.join(_MEMBERSHIP_COLUMNS)} FROM {{table}} WHERE {where}"
+        rows = self._fetch(
+            settings.MEMBERSHIPS_TABLE, (*_MEMBERSHIP_COLUMNS, "is_member"), sql, *args
+        )
+        return {row[0]: HeldMembership(*row) for row in rows}
 
     def live_segments(self) -> Dict[str, Dict[str, Any]]:
         """Segments loaded before and not marked deleted, by id, with every column held."""
@@ -84,17 +88,30 @@ class HeldData:
             for name in self._known_columns(settings.SEGMENTS_TABLE)
             if not name.startswith("_dlt_")
         ]
-        rows = self._rows(settings.SEGMENTS_TABLE, columns, "WHERE deleted_at IS NULL")
-        return {row["id"]: row for row in rows}
+        sql = f"SELECT {', '.join(columns)} FROM {{table}} WHERE deleted_at IS NULL"
+        held = [
+            dict(zip(columns, row, strict=True))
+            for row in self._fetch(settings.SEGMENTS_TABLE, columns, sql)
+        ]
+        return {row["id"]: row for row in held}
 
-    def memberships(
-        self, segment_id: str, joined_after: Optional[datetime] = None
+    def member_counts(self) -> Dict[str, int]:
+        """Current members held per segment."""
+        sql = "SELECT segment_id, COUNT(*) FROM {table} WHERE is_member GROUP BY segment_id"
+        rows = self._fetch(settings.MEMBERSHIPS_TABLE, ("segment_id", "is_member"), sql)
+        return {segment_id: int(count) for segment_id, count in rows}
+
+    def members(self, segment_id: str) -> Dict[str, HeldMembership]:
+        """Every current membership of a segment."""
+        return self._memberships(_CURRENT, segment_id)
+
+    def members_among(
+        self, segment_id: str, profile_ids: Sequence[str]
     ) -> Dict[str, HeldMembership]:
-        """Current memberships of a segment, optionally only those joined after a time."""
-        where = "WHERE segment_id = %s AND is_member"
-        args: List[Any] = [segment_id]
-        if joined_after is not None:
-            where += " AND joined_group_at > %s"
-            args.append(joined_after)
-        rows = self._rows(settings.MEMBERSHIPS_TABLE, _MEMBERSHIP_COLUMNS, where, *args)
-        return {row["profile_id"]: HeldMembership(**row) for row in rows}
+        """Current memberships of a segment for some profiles (one page of them)."""
+        if not profile_ids:
+            return {}
+        marks = ", ".join(["%s"] * len(profile_ids))
+        return self._memberships(
+            f"{_CURRENT} AND profile_id IN ({marks})", segment_id, *profile_ids
+        )

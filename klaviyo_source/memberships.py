@@ -1,11 +1,17 @@
-"""Incremental walk of one segment's members, with its own `joined_group_at` cursor.
+"""One segment's membership sync in one run: an incremental pass, then a reconciliation if due.
 
-Each segment keeps a cursor: the newest `joined_group_at` loaded for it. A run asks for
-`greater-than(joined_group_at, cursor - lookback)` sorted by `joined_group_at`, so it fetches
-new joins and re-joins, plus a short window behind the cursor where late-visible joins and
-ties land. Rows in that window that the destination already holds unchanged are not loaded
-again. The cursor only moves once the whole walk of a segment has been yielded, and dlt commits
-it together with the rows, so it never passes data that was not loaded.
+Incremental pass. Each segment keeps a cursor: the newest `joined_group_at` loaded for it. A
+run asks for `greater-than(joined_group_at, cursor - lookback)` sorted by `joined_group_at`:
+new joins and re-joins, plus a short window behind the cursor where late-visible joins and ties
+land. Rows the destination already holds unchanged are not loaded again. The cursor moves only
+once the whole pass was yielded, and dlt commits it together with the rows.
+
+Reconciliation. Klaviyo never says when a profile leaves. A full walk of the segment's current
+members (`fields[profile]=joined_group_at` when profiles are off) compared with the members
+held finds leaves, and also joins the incremental pass missed. A leave happened after the
+membership was last seen present and before this walk saw it gone: both bounds are kept. A walk
+is due when Klaviyo's `profile_count` disagrees with the members held, on a schedule, or on
+demand; never while the segment `is_processing`, when its membership is in flux.
 """
 
 from dataclasses import dataclass
@@ -15,19 +21,76 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 from dlt.common import logger
 
 from . import settings
-from .client import KlaviyoClient
+from .client import KlaviyoClient, resources_of
+from .errors import KlaviyoConfigError
 from .filters import joined_after
 from .held import HeldData, HeldMembership
-from .rows import Row, as_memberships, as_profiles, membership_row, parse_datetime, profile_row
+from .rows import (
+    Row,
+    as_memberships,
+    as_periods,
+    as_profiles,
+    membership_row,
+    parse_datetime,
+    period_row,
+    profile_row,
+)
 
 
 @dataclass(frozen=True)
 class MembershipOptions:
-    """What a membership walk asks for and how far behind the cursor it looks."""
+    """What a membership sync asks Klaviyo for, and when it reconciles."""
 
     include_profiles: bool = True
     profile_additional_fields: Sequence[str] = ()
     lookback: timedelta = settings.DEFAULT_LOOKBACK
+    reconcile: str = settings.DEFAULT_RECONCILE
+    full_reconcile_every: Optional[timedelta] = settings.DEFAULT_FULL_RECONCILE_EVERY
+
+    @classmethod
+    def from_config(
+        cls,
+        include_profiles: bool,
+        profile_additional_fields: Optional[Sequence[str]],
+        lookback_minutes: float,
+        reconcile: str,
+        full_reconcile_every_hours: Optional[float],
+    ) -> "MembershipOptions":
+        """Options from the source's configuration, each bad value refused with its fix."""
+        extra = list(profile_additional_fields or [])
+        unknown = [name for name in extra if name not in settings.OPTIONAL_PROFILE_FIELDS]
+        if unknown:
+            raise KlaviyoConfigError(
+                f"profile_additional_fields has {unknown}; allowed are "
+                f"{list(settings.OPTIONAL_PROFILE_FIELDS)}. Fix [sources.klaviyo] "
+                "profile_additional_fields."
+            )
+        if lookback_minutes < 0:
+            raise KlaviyoConfigError(
+                f"lookback_minutes is {lookback_minutes}; it must be 0 or more. Fix "
+                "[sources.klaviyo] lookback_minutes."
+            )
+        if reconcile not in settings.RECONCILE_MODES:
+            raise KlaviyoConfigError(
+                f"reconcile is {reconcile!r}; it must be one of {list(settings.RECONCILE_MODES)}. "
+                "Fix [sources.klaviyo] reconcile (or --reconcile)."
+            )
+        if full_reconcile_every_hours is not None and full_reconcile_every_hours <= 0:
+            raise KlaviyoConfigError(
+                f"full_reconcile_every_hours is {full_reconcile_every_hours}; it must be more "
+                "than 0. Fix [sources.klaviyo] full_reconcile_every_hours."
+            )
+        return cls(
+            include_profiles=include_profiles,
+            profile_additional_fields=tuple(extra),
+            lookback=timedelta(minutes=lookback_minutes),
+            reconcile=reconcile,
+            full_reconcile_every=(
+                None
+                if full_reconcile_every_hours is None
+                else timedelta(hours=full_reconcile_every_hours)
+            ),
+        )
 
     def fields_profile(self) -> Optional[List[str]]:
         # Membership-only mode asks for the one attribute it needs, to keep pages small.
@@ -40,95 +103,202 @@ class MembershipOptions:
 
 
 @dataclass
-class WalkStats:
-    """What one segment's walk did, for its log line."""
+class SyncStats:
+    """What one segment's sync did, for its log line and the count check."""
 
-    pages: int = 0
+    requests: int = 0
     fetched: int = 0
     loaded: int = 0
+    joined: int = 0
+    left: int = 0
     newest: Optional[datetime] = None
+    reconciled: bool = False
 
 
-def since_for(cursor: Optional[datetime], lookback: timedelta) -> Optional[datetime]:
-    return None if cursor is None else cursor - lookback
+@dataclass
+class SegmentSync:
+    """Everything one segment's sync needs; `run()` yields its table rows page by page."""
 
+    client: KlaviyoClient
+    segment_id: str
+    is_processing: bool
+    cursor: Optional[datetime]
+    reconciled_at: Optional[datetime]
+    held: HeldData
+    held_count: int
+    options: MembershipOptions
+    now: datetime
+    reconcile_requested: bool = False
 
-def walk_segment(
-    client: KlaviyoClient,
-    segment_id: str,
-    cursor: Optional[datetime],
-    held: HeldData,
-    options: MembershipOptions,
-    seen_at: datetime,
-    stats: WalkStats,
-) -> Iterator[Any]:
-    """Yield pages of changed membership rows (and profile rows) of one segment.
+    def __post_init__(self) -> None:
+        self.stats = SyncStats()
+        self._loaded: set[str] = set()  # profiles whose membership this run already loaded
 
-    `stats.newest` ends as the newest `joined_group_at` seen, over all rows (Klaviyo's sort is
-    known to be slightly off at times, so the last row is not trusted to be the newest).
-    """
-    since = since_for(cursor, options.lookback)
-    known: Dict[str, HeldMembership] = held.memberships(segment_id, joined_after=since)
-    pages = client.get_segment_profiles(
-        segment_id,
-        filter=None if since is None else joined_after(since),
-        sort="joined_group_at",
-        fields_profile=options.fields_profile(),
-        additional_fields_profile=options.additional_fields(),
-    )
-    for document in pages:
-        stats.pages += 1
+    def run(self) -> Iterator[Any]:
+        yield from self._incremental_pass()
+        if self._reconcile_due():
+            yield from self._reconcile()
+
+    @property
+    def walked_in_full(self) -> bool:
+        """Whether this run saw every current member (a first pass or a reconciliation)."""
+        return self.cursor is None or self.stats.reconciled
+
+    # -- incremental ------------------------------------------------------------------------
+
+    def _walk(self, filter: Optional[str]) -> Iterator[List[Dict[str, Any]]]:
+        pages = self.client.get_segment_profiles(
+            self.segment_id,
+            filter=filter,
+            sort="joined_group_at",
+            fields_profile=self.options.fields_profile(),
+            additional_fields_profile=self.options.additional_fields(),
+        )
+        for document in pages:
+            self.stats.requests += 1
+            resources = resources_of(document)
+            self.stats.fetched += len(resources)
+            yield resources
+
+    def _incremental_pass(self) -> Iterator[Any]:
+        since = None if self.cursor is None else self.cursor - self.options.lookback
+        for resources in self._walk(None if since is None else joined_after(since)):
+            held = (
+                self.held.members_among(self.segment_id, [r["id"] for r in resources])
+                if self.held_count
+                else {}
+            )
+            yield from self._changes(resources, held)
+
+    def _changes(
+        self, resources: List[Dict[str, Any]], held: Dict[str, HeldMembership]
+    ) -> Iterator[Any]:
+        """Rows for the members of one page that are new, re-joined or not yet loaded."""
         memberships: List[Row] = []
+        periods: List[Row] = []
         profiles: List[Row] = []
-        for resource in document.get("data") or []:
-            stats.fetched += 1
+        for resource in resources:
             profile_id = resource["id"]
             joined = parse_datetime(resource["attributes"]["joined_group_at"])
-            if stats.newest is None or joined > stats.newest:
-                stats.newest = joined
-            previous = known.get(profile_id)
-            same_period = previous is not None and previous.joined_group_at == joined
-            if same_period and cursor is not None:
-                continue  # fetched again by the lookback window, already loaded as it is
-            first_seen = previous.first_seen_at if same_period and previous else seen_at
-            memberships.append(membership_row(segment_id, profile_id, joined, first_seen, seen_at))
-            if options.include_profiles:
+            if self.stats.newest is None or joined > self.stats.newest:
+                self.stats.newest = joined
+            previous = held.get(profile_id)
+            if previous is not None and previous.joined_group_at == joined:
+                if self.cursor is not None:
+                    continue  # fetched again by the lookback window, already loaded as it is
+                first_seen = previous.first_seen_at  # cursor was reset: reload, keep history
+            else:
+                first_seen = self.now
+                if previous is None:
+                    self.stats.joined += 1
+                else:
+                    # A re-join: the earlier period ended before this join.
+                    periods.append(period_row(self._ended(previous, joined, "rejoined")))
+            row = membership_row(self.segment_id, profile_id, joined, first_seen, self.now)
+            if self.cursor is not None:  # only a run that may reconcile needs to remember
+                self._loaded.add(profile_id)
+            memberships.append(row)
+            periods.append(period_row(row))
+            if self.options.include_profiles:
                 profiles.append(profile_row(resource))
-        stats.loaded += len(memberships)
+        yield from self._emit(memberships, periods, profiles)
+
+    def _emit(
+        self, memberships: List[Row], periods: List[Row], profiles: List[Row]
+    ) -> Iterator[Any]:
+        self.stats.loaded += len(memberships)
         if memberships:
             yield as_memberships(memberships)
+        if periods:
+            yield as_periods(periods)
         if profiles:
             yield as_profiles(profiles)
 
+    # -- reconciliation ---------------------------------------------------------------------
 
-def close_segment_memberships(
-    segment_id: str, held: HeldData, closed_at: datetime, reason: str
-) -> Iterator[Any]:
-    """Mark every membership the destination holds for a segment as ended."""
-    batch: List[Row] = []
-    for membership in held.memberships(segment_id).values():
-        batch.append(
-            membership_row(
-                segment_id,
-                membership.profile_id,
-                membership.joined_group_at,
-                membership.first_seen_at,
-                membership.last_seen_at,
-                left_detected_at=closed_at,
-                left_reason=reason,
-            )
+    def _reconcile_due(self) -> bool:
+        if self.cursor is None:
+            return False  # the incremental pass just walked the whole segment
+        if self.is_processing:
+            logger.info(f"segment {self.segment_id} is processing: leaves are looked for later")
+            return False
+        if self.reconcile_requested or self.options.reconcile == "all":
+            return True
+        every = self.options.full_reconcile_every
+        if every is not None and (
+            self.reconciled_at is None or self.now - self.reconciled_at >= every
+        ):
+            return True
+        if self.options.reconcile != "counts":
+            return False
+        document = self.client.get_segment(
+            self.segment_id, additional_fields_segment=["profile_count"]
         )
-        if len(batch) >= 1000:
-            yield as_memberships(batch)
-            batch = []
-    if batch:
+        self.stats.requests += 1
+        profile_count = (document.get("data") or {}).get("attributes", {}).get("profile_count")
+        expected = self.held_count + self.stats.joined
+        return profile_count is not None and int(profile_count) != expected
+
+    def _reconcile(self) -> Iterator[Any]:
+        """Walk every current member; what is held but gone has left."""
+        self.stats.reconciled = True
+        remaining = self.held.members(self.segment_id)
+        for resources in self._walk(None):
+            page_held = {r["id"]: remaining.pop(r["id"]) for r in resources if r["id"] in remaining}
+            # Joins the incremental pass loaded a moment ago are not held yet: skip them.
+            unseen = [r for r in resources if r["id"] not in self._loaded]
+            yield from self._changes(unseen, page_held)
+        ended = [self._ended(held, self.now, "left") for held in remaining.values()]
+        self.stats.left += len(ended)
+        for start in range(0, len(ended), 1000):
+            batch = ended[start : start + 1000]
+            yield from self._emit(batch, [period_row(row) for row in batch], [])
+
+    def _ended(self, held: HeldMembership, before: datetime, reason: str) -> Row:
+        """The held membership, ended between when it was last seen and `before`."""
+        last_seen = held.last_seen_at
+        # A full walk that found the member present saw it then, even though no row changed.
+        if (
+            self.reconciled_at is not None
+            and held.first_seen_at <= self.reconciled_at
+            and self.reconciled_at > last_seen
+        ):
+            last_seen = self.reconciled_at
+        return membership_row(
+            self.segment_id,
+            held.profile_id,
+            held.joined_group_at,
+            held.first_seen_at,
+            last_seen,
+            left_before=before,
+            left_reason=reason,
+        )
+
+
+def close_segment(segment_id: str, held: HeldData, closed_at: datetime) -> Iterator[Any]:
+    """End every membership the destination holds for a segment Klaviyo no longer has."""
+    ended = [
+        membership_row(
+            segment_id,
+            membership.profile_id,
+            membership.joined_group_at,
+            membership.first_seen_at,
+            membership.last_seen_at,
+            left_before=closed_at,
+            left_reason="segment_deleted",
+        )
+        for membership in held.members(segment_id).values()
+    ]
+    for start in range(0, len(ended), 1000):
+        batch = ended[start : start + 1000]
         yield as_memberships(batch)
+        yield as_periods([period_row(row) for row in batch])
 
 
 def next_cursor(
     cursor: Optional[datetime], newest: Optional[datetime], now: datetime
 ) -> Optional[datetime]:
-    """The cursor after a complete walk: the newest join seen, never in the future.
+    """The cursor after a complete pass: the newest join seen, never in the future.
 
     A cursor in the future would make every later `greater-than` filter fail with a 400.
     """
@@ -138,8 +308,9 @@ def next_cursor(
     return min(max(candidates), now)
 
 
-def log_walk(segment_id: str, name: Optional[str], stats: WalkStats) -> None:
+def log_sync(segment_id: str, name: Optional[str], stats: SyncStats) -> None:
+    reconciled = f", reconciled: {stats.left} left" if stats.reconciled else ""
     logger.info(
-        f"segment {segment_id} ({name or '?'}): {stats.loaded} new or changed memberships "
-        f"of {stats.fetched} fetched in {stats.pages} requests"
+        f"segment {segment_id} ({name or '?'}): {stats.loaded} rows loaded, {stats.joined} joined"
+        f"{reconciled}; {stats.fetched} fetched in {stats.requests} requests"
     )

@@ -2,9 +2,15 @@
 
 Klaviyo counts requests per account and per endpoint in a 1 s burst window and a 60 s steady
 window; some options (`profile_count`, `predictive_analytics`) are charged to a stricter global
-budget on top. Requests wait here for room in every budget they draw on, so a run paces itself
-instead of collecting 429s; when a 429 still arrives (another integration spends the same
-quota), its `Retry-After` pauses that budget for every thread, not only the one that got it.
+budget on top, and segment writes also have a daily cap. Requests wait here for room in every
+budget they draw on, so a run paces itself instead of collecting 429s. What the pacing cannot
+know, Klaviyo tells: when another integration spends the same quota, a response's
+`RateLimit-Remaining: 0` or a 429 pauses that budget for every thread, not only the one that
+got it, for `RateLimit-Reset` / `Retry-After` seconds, or with a shared exponential backoff when
+a 429 says nothing.
+
+The windows are sliding (pyrate-limiter's log buckets), which is stricter than Klaviyo's fixed
+windows: no fixed window can then hold more requests than the limit.
 """
 
 import math
@@ -15,13 +21,18 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
-from pyrate_limiter import Duration, Limiter, Rate
+from pyrate_limiter import Limiter, Rate
 from requests import PreparedRequest, Response
 from requests.adapters import HTTPAdapter
 
 from . import settings
 
 _THROTTLED_IN = re.compile(r"available in (\d+) second")
+
+# Klaviyo's POST/PATCH segment limit (klaviyo-api.md §4): the XS tier plus 100 a day.
+WRITE_TIER = "WRITE"
+WRITES_PER_DAY = 100
+_DAY_SECONDS = 86400.0
 
 
 @dataclass(frozen=True)
@@ -32,15 +43,28 @@ class Budget:
     tier: str
 
 
+def _api_path(path: str) -> List[str]:
+    """Path parts after `/api/`, so a base_url behind a proxy prefix is budgeted the same."""
+    parts = [part for part in path.split("/") if part]
+    if "api" in parts:
+        return parts[len(parts) - parts[::-1].index("api") :]
+    return parts
+
+
 def budgets_for(method: str, url: str) -> List[Budget]:
-    """The budgets one request draws on, from its method, path and query."""
+    """The budgets one request draws on, from its method, path and query.
+
+    The first budget is the endpoint's own: Klaviyo's `RateLimit-*` headers describe it.
+    """
     parts = urlsplit(url)
-    segments = [part for part in parts.path.split("/") if part][1:]  # drop the leading "api"
+    segments = _api_path(parts.path)
     query = parse_qs(parts.query)
     if not segments:
         return []
-    if method in ("POST", "PATCH"):
-        return [Budget("segment_writes", "XS")]
+    if method == "POST":
+        return [Budget("create_segment", WRITE_TIER)]
+    if method == "PATCH":
+        return [Budget("update_segment", WRITE_TIER)]
     if method == "DELETE":
         return [Budget("delete_segment", "S")]
     if segments[0] == "tags":
@@ -63,25 +87,85 @@ def budgets_for(method: str, url: str) -> List[Budget]:
     return budgets
 
 
+def tier_windows(tier: str) -> List[Tuple[int, float]]:
+    """(requests, seconds) windows of a published tier, before this run's share and scale."""
+    if tier == WRITE_TIER:
+        per_second, per_minute = settings.RATE_TIERS["XS"]
+        return [(per_second, 1.0), (per_minute, 60.0), (WRITES_PER_DAY, _DAY_SECONDS)]
+    per_second, per_minute = settings.RATE_TIERS[tier]
+    return [(per_second, 1.0), (per_minute, 60.0)]
+
+
+def _ordered(rates: List[Rate]) -> List[Rate]:
+    """Drop windows another window already implies; pyrate-limiter refuses redundant ones.
+
+    A longer window allowing no more requests than a shorter one makes the shorter redundant;
+    a longer window allowing a higher rate than a shorter one is itself redundant.
+    """
+    kept: List[Rate] = []
+    for rate in sorted(rates, key=lambda rate: rate.interval):
+        while kept and rate.limit <= kept[-1].limit:
+            kept.pop()
+        if kept and rate.limit / rate.interval > kept[-1].limit / kept[-1].interval:
+            continue
+        kept.append(rate)
+    return kept
+
+
+@dataclass
+class RateStats:
+    """What pacing and throttling cost a run, for its log and for tests."""
+
+    requests: int = 0
+    throttled: int = 0  # 429s received
+    throttled_without_wait: int = 0  # 429s with neither Retry-After nor "available in N s"
+    exhausted: int = 0  # responses that said RateLimit-Remaining: 0
+    waited_seconds: float = 0.0  # time requests spent waiting for room or for a pause
+
+
 class RateLimiter:
     """Blocking per-budget limiter for a share of the account's published quota.
 
     `share` is the fraction of each published limit this run may use (other integrations
     spend the rest); `time_scale` shortens the windows for simulators that run time faster.
+    `pace=False` keeps only the pauses Klaviyo asks for (a client without a configured budget).
     """
 
-    def __init__(self, share: float = 1.0, time_scale: float = 1.0) -> None:
+    def __init__(self, share: float = 1.0, time_scale: float = 1.0, pace: bool = True) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"rate_limit_share must be in (0, 1], got {share}")
         if time_scale <= 0:
             raise ValueError(f"rate_limit_time_scale must be positive, got {time_scale}")
         self.share = share
         self.time_scale = time_scale
+        self.pace = pace
+        self.stats = RateStats()
         self._limiters: Dict[str, Limiter] = {}
         self._paused_until: Dict[str, float] = {}
+        self._backoff_streak: Dict[str, int] = {}
         self._lock = threading.Lock()
-        self.waited_seconds = 0.0
-        self.throttled = 0
+
+    @property
+    def waited_seconds(self) -> float:
+        return self.stats.waited_seconds
+
+    @property
+    def throttled(self) -> int:
+        return self.stats.throttled
+
+    def rates(self, tier: str) -> List[Rate]:
+        """The windows this run keeps to for a tier: its share of each, on the scaled clock.
+
+        A share below one request per window stretches the window instead (XS at share 0.5 is
+        one request per 2 s, not one per second).
+        """
+        rates = []
+        for limit, seconds in tier_windows(tier):
+            allowed = limit * self.share
+            count = math.floor(allowed) if allowed >= 1 else 1
+            window = seconds if allowed >= 1 else seconds / allowed
+            rates.append(Rate(count, max(1, round(window * 1000 / self.time_scale))))
+        return _ordered(rates)
 
     def limits(self, tier: str) -> Tuple[int, int]:
         """(per second, per minute) allowed for a tier at this run's share of the quota."""
@@ -94,32 +178,91 @@ class RateLimiter:
         with self._lock:
             limiter = self._limiters.get(budget.name)
             if limiter is None:
-                per_second, per_minute = self.limits(budget.tier)
-                second = max(1, int(int(Duration.SECOND) / self.time_scale))
-                minute = max(1, int(int(Duration.MINUTE) / self.time_scale))
-                limiter = Limiter(
-                    [Rate(per_second, second), Rate(per_minute, minute)], buffer_ms=5
-                )
+                # A small buffer: a request admitted exactly at a window's edge may still reach
+                # Klaviyo inside the old fixed window.
+                limiter = Limiter(self.rates(budget.tier), buffer_ms=5)
                 self._limiters[budget.name] = limiter
             return limiter
+
+    def paused_for(self, budgets: List[Budget]) -> float:
+        """Seconds left before these budgets may be spent again (0 when none is paused)."""
+        now = time.monotonic()
+        with self._lock:
+            until = max((self._paused_until.get(b.name, 0.0) for b in budgets), default=0.0)
+        return max(0.0, until - now)
 
     def acquire(self, budgets: List[Budget]) -> None:
         """Block until every budget has room for one more request, then spend it."""
         started = time.monotonic()
-        for budget in budgets:
-            pause = self._paused_until.get(budget.name, 0.0) - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
-            self._limiter(budget).try_acquire(budget.name)
-        self.waited_seconds += time.monotonic() - started
+        with self._lock:
+            self.stats.requests += 1
+        if self.pace:
+            for budget in budgets:
+                self._limiter(budget).try_acquire(budget.name)
+        # Waited last, and again while another thread's 429 extends the pause meanwhile.
+        while (pause := self.paused_for(budgets)) > 0:
+            time.sleep(pause)
+        waited = time.monotonic() - started
+        with self._lock:
+            self.stats.waited_seconds += waited
 
     def pause(self, budgets: List[Budget], seconds: float) -> None:
-        """Hold every thread off these budgets for `seconds` (after a 429)."""
+        """Hold every thread off these budgets for `seconds` (a pause never gets shorter)."""
         until = time.monotonic() + seconds
         with self._lock:
-            self.throttled += 1
             for budget in budgets:
                 self._paused_until[budget.name] = max(self._paused_until.get(budget.name, 0), until)
+
+    def on_response(self, budgets: List[Budget], response: Response, max_delay: float) -> None:
+        """Follow Klaviyo's `RateLimit-*` headers on a response that was not a 429.
+
+        `RateLimit-Remaining: 0` means the endpoint's steady window is spent, by this run or
+        another integration: pause it until `RateLimit-Reset` rather than collect a 429.
+        """
+        if not budgets:
+            return
+        with self._lock:
+            self._backoff_streak.pop(budgets[0].name, None)
+        remaining = _header_number(response, "RateLimit-Remaining")
+        reset = _header_number(response, "RateLimit-Reset")
+        if remaining is not None and remaining <= 0 and reset is not None and reset > 0:
+            with self._lock:
+                self.stats.exhausted += 1
+            self.pause(budgets[:1], min(reset, max_delay))
+
+    def on_throttled(
+        self, budgets: List[Budget], response: Response, backoff_factor: float, max_delay: float
+    ) -> float:
+        """Pause the budgets after a 429 and return the pause: Klaviyo's wait, else a backoff.
+
+        Without a stated wait, the pause doubles with each throttled wave on the budget
+        (`backoff_factor * 2**n`, at most `max_delay`); 429s of requests already in flight
+        when the budget was paused belong to the same wave and do not double it again.
+        """
+        stated = retry_after_seconds(response)
+        with self._lock:
+            self.stats.throttled += 1
+            if stated is None:
+                self.stats.throttled_without_wait += 1
+        if stated is not None:
+            wait = min(stated, max_delay)
+        else:
+            key = budgets[0].name if budgets else ""
+            with self._lock:
+                paused = self._paused_until.get(key, 0.0) > time.monotonic()
+                streak = self._backoff_streak.get(key, 0) + (0 if paused else 1)
+                self._backoff_streak[key] = max(streak, 1)
+            wait = min(backoff_factor * 2 ** (max(streak, 1) - 1), max_delay)
+        self.pause(budgets, wait)
+        return wait
+
+
+def _header_number(response: Response, name: str) -> Optional[float]:
+    value = response.headers.get(name)
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # the syntax is undocumented; an unreadable value is no instruction
 
 
 def retry_after_seconds(response: Response) -> Optional[float]:
@@ -132,23 +275,33 @@ def retry_after_seconds(response: Response) -> Optional[float]:
 
 
 class RateLimitedAdapter(HTTPAdapter):
-    """Transport adapter that spends the budgets of every attempt, retries included."""
+    """Transport adapter that spends the budgets of every attempt, retries included.
 
-    def __init__(self, limiter: Optional[RateLimiter], **kwargs: Any) -> None:
+    It also reads Klaviyo's answer about the quota: `RateLimit-*` headers and 429s pause the
+    budget for every thread. `answered` turns true once any HTTP response came back, which
+    tells an unreachable base_url (fail at once) from a dropped connection (retry).
+    """
+
+    def __init__(
+        self,
+        limiter: Optional[RateLimiter],
+        backoff_factor: float = 1.0,
+        max_delay: float = 300.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
-        self.limiter = limiter
+        self.limiter = limiter if limiter is not None else RateLimiter(pace=False)
+        self.backoff_factor = backoff_factor
+        self.max_delay = max_delay
+        self.answered = False
 
     def send(self, request: PreparedRequest, *args: Any, **kwargs: Any) -> Response:
         budgets = budgets_for(request.method or "GET", request.url or "")
-        if self.limiter is not None:
-            self.limiter.acquire(budgets)
+        self.limiter.acquire(budgets)
         response = super().send(request, *args, **kwargs)
+        self.answered = True
         if response.status_code == 429:
-            wait = retry_after_seconds(response)
-            if wait is not None:
-                # dlt's retry honours Retry-After but not Klaviyo's "available in N seconds"
-                # detail, which is all some 429s carry.
-                response.headers.setdefault("Retry-After", str(int(math.ceil(wait))))
-                if self.limiter is not None:
-                    self.limiter.pause(budgets, wait)
+            self.limiter.on_throttled(budgets, response, self.backoff_factor, self.max_delay)
+        else:
+            self.limiter.on_response(budgets, response, self.max_delay)
         return response

@@ -72,9 +72,10 @@ def membership_row(
     joined_group_at: datetime,
     first_seen_at: datetime,
     last_seen_at: datetime,
-    left_detected_at: Optional[datetime] = None,
+    left_before: Optional[datetime] = None,
     left_reason: Optional[str] = None,
 ) -> Row:
+    """A membership; an ended one left between `last_seen_at` and `left_before`."""
     return {
         "membership_id": membership_key(segment_id, profile_id),
         "segment_id": segment_id,
@@ -82,10 +83,17 @@ def membership_row(
         "joined_group_at": joined_group_at,
         "first_seen_at": first_seen_at,
         "last_seen_at": last_seen_at,
-        "is_member": left_detected_at is None,
-        "left_detected_at": left_detected_at,
+        "is_member": left_before is None,
+        "left_before": left_before,
         "left_reason": left_reason,
     }
+
+
+def period_row(membership: Row) -> Row:
+    """The membership period a membership row describes: one per (segment, profile, join)."""
+    joined: datetime = membership["joined_group_at"]
+    stamp = joined.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return {"period_id": f"{membership['membership_id']}:{stamp}", **membership}
 
 
 SEGMENT_COLUMNS: TTableSchemaColumns = {
@@ -115,8 +123,12 @@ MEMBERSHIP_COLUMNS: TTableSchemaColumns = {
     "first_seen_at": {"data_type": "timestamp"},
     "last_seen_at": {"data_type": "timestamp"},
     "is_member": {"data_type": "bool"},
-    "left_detected_at": {"data_type": "timestamp"},
+    "left_before": {"data_type": "timestamp"},
     "left_reason": {"data_type": "text"},
+}
+PERIOD_COLUMNS: TTableSchemaColumns = {
+    "period_id": {"data_type": "text", "nullable": False},
+    **MEMBERSHIP_COLUMNS,
 }
 PROFILE_COLUMNS: TTableSchemaColumns = {
     "id": {"data_type": "text", "nullable": False},
@@ -144,6 +156,15 @@ def membership_hints() -> TResourceHints:
     )
 
 
+def period_hints() -> TResourceHints:
+    return dlt.mark.make_hints(
+        table_name=settings.PERIODS_TABLE,
+        write_disposition="merge",
+        primary_key="period_id",
+        columns=PERIOD_COLUMNS,
+    )
+
+
 def profile_hints() -> TResourceHints:
     """Hints that route profile rows, emitted by the membership walk, to their own table."""
     return dlt.mark.make_hints(
@@ -161,6 +182,11 @@ def as_memberships(rows: List[Row]) -> Any:
     itself: dlt would give the profiles table the memberships' columns too.
     """
     return dlt.mark.with_hints(rows, membership_hints(), create_table_variant=True)
+
+
+def as_periods(rows: List[Row]) -> Any:
+    """Mark a page of membership-period rows for the history table."""
+    return dlt.mark.with_hints(rows, period_hints(), create_table_variant=True)
 
 
 def as_profiles(rows: List[Row]) -> Any:

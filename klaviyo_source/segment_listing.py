@@ -24,9 +24,14 @@ class ListedSegment:
 
     id: str
     held: HeldData
+    held_count: int = 0
     resource: Optional[Dict[str, Any]] = None
     held_row: Optional[Dict[str, Any]] = None
     deleted_at: Optional[datetime] = None
+
+    @property
+    def is_processing(self) -> bool:
+        return bool((self.resource or {}).get("attributes", {}).get("is_processing"))
 
     @property
     def name(self) -> Optional[str]:
@@ -47,8 +52,14 @@ def list_segments(
     The listing is read whole before anything is yielded, so that a misconfigured segment id
     fails the run before any segment is walked.
     """
+    counts = held.member_counts()
     live = [
-        ListedSegment(id=resource["id"], held=held, resource=resource)
+        ListedSegment(
+            id=resource["id"],
+            held=held,
+            held_count=counts.get(resource["id"], 0),
+            resource=resource,
+        )
         for document in client.get_segments(filter=selection_filter, include=["tags"])
         for resource in document.get("data") or []
     ]

@@ -50,6 +50,15 @@ SEGMENT_ATTRIBUTES: Final[Tuple[str, ...]] = (
 # Profile fields that cost a stricter rate tier and so are off unless asked for.
 OPTIONAL_PROFILE_FIELDS: Final[Tuple[str, ...]] = ("subscriptions", "predictive_analytics")
 
+# How leaves are found: "counts" walks a segment in full when Klaviyo's profile_count differs
+# from the members held (one 1/s-tier request per segment and run); "all" walks every segment;
+# "off" never looks for leaves except on the full-walk schedule.
+RECONCILE_MODES: Final[Tuple[str, ...]] = ("counts", "all", "off")
+DEFAULT_RECONCILE: Final = "counts"
+# Even when counts agree (a leave and a late join can cancel out), walk each segment in full
+# this often.
+DEFAULT_FULL_RECONCILE_EVERY: Final = timedelta(hours=24)
+
 # Klaviyo's published rate tiers: (requests per second, requests per minute).
 RATE_TIERS: Final[Dict[str, Tuple[int, int]]] = {
     "XS": (1, 15),
@@ -61,6 +70,7 @@ RATE_TIERS: Final[Dict[str, Tuple[int, int]]] = {
 
 # State keys, kept stable: renaming one silently restarts every cursor.
 CURSORS_STATE_KEY: Final = "joined_group_at"
+RECONCILED_STATE_KEY: Final = "reconciled_at"
 FAILURES_STATE_KEY: Final = "failed_segments"
 
 # Table names, shared by the resources and the reader of what the destination holds.
@@ -68,4 +78,5 @@ SEGMENTS_TABLE: Final = "segments"
 TAGS_TABLE: Final = "tags"
 SEGMENT_TAGS_TABLE: Final = "segment_tags"
 MEMBERSHIPS_TABLE: Final = "segment_memberships"
+PERIODS_TABLE: Final = "segment_membership_periods"
 PROFILES_TABLE: Final = "profiles"

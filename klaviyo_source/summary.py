@@ -34,7 +34,10 @@ def membership_summary(pipeline: SupportsPipeline) -> str:
     rows = dataset(query).fetchall()
     width = max([len(str(name)) for _, name, _ in rows] + [len("segment")])
     lines = [f"{'segment':<{width}}  {'id':<8}  members", "-" * (width + 19)]
-    lines += [f"{str(name):<{width}}  {segment_id:<8}  {int(members or 0):>7}" for segment_id, name, members in rows]
+    lines += [
+        f"{str(name):<{width}}  {segment_id:<8}  {int(members or 0):>7}"
+        for segment_id, name, members in rows
+    ]
     total = sum(int(members or 0) for _, _, members in rows)
     lines.append(f"{len(rows)} segments, {total} memberships")
     return "\n".join(lines)

@@ -33,9 +33,7 @@ def loaded_memberships(pipeline: dlt.Pipeline) -> Memberships:
 
 def true_memberships(account: Account) -> Memberships:
     """Current members per live segment, leaving out empty segments as a table would."""
-    return {
-        segment_id: members for segment_id, members in account.memberships().items() if members
-    }
+    return {segment_id: members for segment_id, members in account.memberships().items() if members}
 
 
 def loaded_segments(pipeline: dlt.Pipeline) -> Dict[str, Dict[str, Any]]:
@@ -74,7 +72,9 @@ def true_segments(account: Account) -> Dict[str, Dict[str, Any]]:
 
 
 def loaded_segment_tags(pipeline: dlt.Pipeline) -> Set[Tuple[str, str]]:
-    return {(row[0], row[1]) for row in query(pipeline, "SELECT segment_id, tag_id FROM segment_tags")}
+    return {
+        (row[0], row[1]) for row in query(pipeline, "SELECT segment_id, tag_id FROM segment_tags")
+    }
 
 
 def loaded_tags(pipeline: dlt.Pipeline) -> Dict[str, str]:

@@ -85,7 +85,9 @@ def test_get_segments_filters_on_id_name_dates_and_active(
     assert {r["id"] for r in active} == {sid for sid, a in segments.items() if not a["is_active"]}
 
 
-def test_get_segment_with_profile_count_and_include(account: Account, client: KlaviyoClient) -> None:
+def test_get_segment_with_profile_count_and_include(
+    account: Account, client: KlaviyoClient
+) -> None:
     segment_id = _populated(account)
     document = client.get_segment(
         segment_id,
@@ -134,12 +136,15 @@ def test_get_segment_profiles_with_every_parameter(
     assert joined == sorted(joined, reverse=True)
     assert all(len(resources_of(page)) <= 7 for page in pages)
     assert all(
-        set(r["attributes"]) == {"email", "joined_group_at", "subscriptions", "predictive_analytics"}
+        set(r["attributes"])
+        == {"email", "joined_group_at", "subscriptions", "predictive_analytics"}
         for r in rows
     )
 
     profiles = account.profiles()
-    one = next(pid for pid in members if profiles[pid].get("email") and profiles[pid].get("phone_number"))
+    one = next(
+        pid for pid in members if profiles[pid].get("email") and profiles[pid].get("phone_number")
+    )
     for expression in (
         f"equals(email,{quoted(profiles[one]['email'])})",
         f"any(phone_number,[{quoted(profiles[one]['phone_number'])}])",
@@ -188,7 +193,10 @@ def test_get_tags_with_every_parameter(account: Account, newest_client: KlaviyoC
     tags = account.tags()
     pages = list(
         newest_client.get_tags(
-            sort="-name", fields_tag=["name"], fields_tag_group=["name"], include=["tag-group"],
+            sort="-name",
+            fields_tag=["name"],
+            fields_tag_group=["name"],
+            include=["tag-group"],
             page_size=2,
         )
     )
@@ -198,7 +206,9 @@ def test_get_tags_with_every_parameter(account: Account, newest_client: KlaviyoC
     found = _all(newest_client.get_tags(filter=f"equals(name,{quoted(first)})", sort="id"))
     assert {r["attributes"]["name"] for r in found} == {first}
     prefix = _all(newest_client.get_tags(filter=f"starts-with(name,{quoted(first[:2])})"))
-    assert {r["attributes"]["name"] for r in prefix} == {n for n in tags.values() if n.startswith(first[:2])}
+    assert {r["attributes"]["name"] for r in prefix} == {
+        n for n in tags.values() if n.startswith(first[:2])
+    }
 
 
 def test_create_update_delete_segment(account: Account, client: KlaviyoClient) -> None:

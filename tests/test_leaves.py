@@ -1,0 +1,276 @@
+"""Profiles leaving segments: found, dated within bounds, kept as history; only due walks."""
+
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Dict, List, Tuple
+
+import dlt
+import pytest
+from expected import loaded_memberships, query, true_memberships, utc
+
+from klaviyo_source.simulator import Account, KlaviyoSimulator
+
+Leaves = Dict[Tuple[str, str], datetime]
+
+
+def _leave(account: Account, segment_id: str, profile_id: str, leaves: Leaves) -> None:
+    account.leave(segment_id, profile_id)
+    leaves[(segment_id, profile_id)] = datetime.now(timezone.utc)
+
+
+def _settled_segments(account: Account) -> List[str]:
+    """Segments with members that are not processing, largest first."""
+    segments = account.segments()
+    return sorted(
+        (
+            sid
+            for sid, m in account.memberships().items()
+            if m and not segments[sid]["is_processing"]
+        ),
+        key=lambda sid: -len(account.members(sid)),
+    )
+
+
+def _assert_leaves_within_bounds(pipeline: dlt.Pipeline, leaves: Leaves) -> None:
+    """Every true leave is recorded as ended, between last seen and found gone."""
+    rows = query(
+        pipeline,
+        "SELECT segment_id, profile_id, is_member, last_seen_at, left_before, left_reason "
+        "FROM segment_memberships",
+    )
+    recorded = {(r[0], r[1]): r[2:] for r in rows}
+    for key, left_at in leaves.items():
+        is_member, last_seen, left_before, reason = recorded[key]
+        if is_member:
+            continue  # re-joined since: its earlier period is checked in the history table
+        assert reason == "left", key
+        assert utc(last_seen) <= left_at <= utc(left_before), key
+
+
+def _walked_in_full(simulator: KlaviyoSimulator, among: List[str]) -> set:
+    """Segments of `among` whose members were listed without a filter this run."""
+    return {
+        record.path.split("/")[3]
+        for record in simulator.request_log
+        if record.operation == "get_segment_profiles" and "filter" not in record.query
+    } & set(among)
+
+
+def test_a_leave_is_found_and_dated_within_its_bounds(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    segment_id = _settled_segments(account)[0]
+    leaver = next(iter(account.members(segment_id)))
+    leaves: Leaves = {}
+    _leave(account, segment_id, leaver, leaves)
+
+    pipeline.run(source_for())
+
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    _assert_leaves_within_bounds(pipeline, leaves)
+    periods = query(
+        pipeline,
+        "SELECT left_before FROM segment_membership_periods "
+        f"WHERE segment_id = '{segment_id}' AND profile_id = '{leaver}'",
+    )
+    assert len(periods) == 1 and periods[0][0] is not None
+
+
+def test_count_guided_run_walks_only_segments_whose_counts_differ(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    source_for: Callable,
+    make_pipeline: Callable,
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    changed = _settled_segments(account)[1]
+    leaves: Leaves = {}
+    for profile_id in list(account.members(changed))[:3]:
+        _leave(account, changed, profile_id, leaves)
+
+    simulator.reset_counters()
+    pipeline.run(source_for())
+
+    populated = [sid for sid, members in account.memberships().items() if members]
+    assert _walked_in_full(simulator, populated) == {changed}
+    members = len(account.members(changed))
+    full_walk_pages = max(1, -(-members // 100))
+    incremental = len(account.segments())
+    assert simulator.counters["get_segment_profiles"] == incremental + full_walk_pages
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    _assert_leaves_within_bounds(pipeline, leaves)
+
+
+def test_many_leaves_in_the_largest_segment(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    big = _settled_segments(account)[0]
+    leaves: Leaves = {}
+    for profile_id in list(account.members(big))[::3]:
+        _leave(account, big, profile_id, leaves)
+    assert len(leaves) > 200
+
+    pipeline.run(source_for())
+
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    _assert_leaves_within_bounds(pipeline, leaves)
+
+
+def test_leave_then_rejoin_opens_a_new_period(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    segment_id = _settled_segments(account)[0]
+    profile_id = next(iter(account.members(segment_id)))
+    leaves: Leaves = {}
+    _leave(account, segment_id, profile_id, leaves)
+    pipeline.run(source_for())
+    _assert_leaves_within_bounds(pipeline, leaves)
+
+    rejoined_at = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=2)
+    account.join(segment_id, profile_id, at=rejoined_at)
+    pipeline.run(source_for())
+
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    periods = query(
+        pipeline,
+        "SELECT joined_group_at, left_before, left_reason FROM segment_membership_periods "
+        f"WHERE segment_id = '{segment_id}' AND profile_id = '{profile_id}' "
+        "ORDER BY joined_group_at",
+    )
+    assert len(periods) == 2
+    (first_joined, first_left, first_reason), (second_joined, second_left, _) = periods
+    assert first_reason == "left" and first_left is not None
+    assert utc(second_joined) == rejoined_at and second_left is None
+
+
+def test_join_leave_join_between_two_runs_closes_the_earlier_period(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    segment_id = _settled_segments(account)[0]
+    profile_id = next(iter(account.members(segment_id)))
+    before = datetime.now(timezone.utc)
+    account.leave(segment_id, profile_id)
+    rejoined_at = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
+    account.join(segment_id, profile_id, at=rejoined_at)
+
+    pipeline.run(source_for())
+
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    periods = query(
+        pipeline,
+        "SELECT joined_group_at, last_seen_at, left_before, left_reason "
+        "FROM segment_membership_periods "
+        f"WHERE segment_id = '{segment_id}' AND profile_id = '{profile_id}' "
+        "ORDER BY joined_group_at",
+    )
+    assert len(periods) == 2
+    closed, current = periods
+    assert closed[3] == "rejoined" and utc(closed[2]) == rejoined_at
+    assert utc(closed[1]) <= before
+    assert utc(current[0]) == rejoined_at and current[2] is None
+
+
+def test_emptied_segment_ends_every_membership(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    segment_id = _settled_segments(account)[-1]
+    leaves: Leaves = {}
+    for profile_id in list(account.members(segment_id)):
+        _leave(account, segment_id, profile_id, leaves)
+
+    pipeline.run(source_for())
+
+    current = query(
+        pipeline,
+        f"SELECT count(*) FROM segment_memberships WHERE segment_id = '{segment_id}' AND is_member",
+    )
+    assert current[0][0] == 0
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    _assert_leaves_within_bounds(pipeline, leaves)
+
+
+def test_deleted_segment_closes_its_history(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    segment_id = _settled_segments(account)[0]
+    members = set(account.members(segment_id))
+    account.delete_segment(segment_id)
+
+    pipeline.run(source_for())
+
+    periods = query(
+        pipeline,
+        "SELECT profile_id, left_reason, left_before FROM segment_membership_periods "
+        f"WHERE segment_id = '{segment_id}'",
+    )
+    assert {row[0] for row in periods} == members
+    assert all(reason == "segment_deleted" and left for _, reason, left in periods)
+
+
+def test_processing_segment_is_not_marked_until_it_settles(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    segment_id = _settled_segments(account)[0]
+    profile_id = next(iter(account.members(segment_id)))
+    account.set_processing(segment_id, True)
+    leaves: Leaves = {}
+    _leave(account, segment_id, profile_id, leaves)
+
+    pipeline.run(source_for(reconcile="all"))
+    still = query(
+        pipeline,
+        "SELECT is_member FROM segment_memberships "
+        f"WHERE segment_id = '{segment_id}' AND profile_id = '{profile_id}'",
+    )
+    assert still == [(True,)]
+
+    account.set_processing(segment_id, False)
+    pipeline.run(source_for())
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    _assert_leaves_within_bounds(pipeline, leaves)
+
+
+@pytest.mark.parametrize("seed", [3, 5])
+def test_any_mix_of_changes_ends_equal_to_the_truth(
+    seed: int, account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    import random
+
+    rng = random.Random(seed)
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    leaves: Leaves = {}
+    profiles = list(account.profiles())
+    for _ in range(3):
+        now = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
+        for segment_id in _settled_segments(account):
+            members = list(account.members(segment_id))
+            for profile_id in rng.sample(members, min(len(members), rng.randint(0, 6))):
+                _leave(account, segment_id, profile_id, leaves)
+            for profile_id in rng.sample(profiles, 5):
+                if profile_id not in account.members(segment_id):
+                    account.join(segment_id, profile_id, at=now)
+            if members and rng.random() < 0.5:
+                account.rejoin(segment_id, rng.choice(list(account.members(segment_id))), at=now)
+        pipeline.run(source_for(reconcile=rng.choice(["counts", "all"])))
+        assert loaded_memberships(pipeline) == true_memberships(account)
+        _assert_leaves_within_bounds(pipeline, leaves)
+    duplicates = query(
+        pipeline,
+        "SELECT membership_id FROM segment_memberships GROUP BY membership_id HAVING count(*) > 1",
+    )
+    assert duplicates == []
