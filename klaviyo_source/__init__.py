@@ -7,11 +7,11 @@ on `membership_id`) and `profiles` (merged on id). Memberships load incrementall
 `sources.klaviyo.resources.segment_memberships.joined_group_at.<segment id>`.
 """
 
+import logging
 from datetime import datetime, timezone
 from typing import Iterator, List, Optional, Sequence
 
 import dlt
-from dlt.common import logger
 from dlt.extract import DltResource
 from requests.exceptions import RequestException
 
@@ -42,6 +42,9 @@ from .rows import (
 from .segment_listing import ListedSegment, list_segments
 
 __all__ = ["klaviyo", "KlaviyoClient", "KlaviyoConfigError"]
+
+# Per-segment progress lines; the pipeline script shows them, a library user decides.
+logger = logging.getLogger(__name__)
 
 
 def _stored_time(times: dict, segment_id: str) -> Optional[datetime]:

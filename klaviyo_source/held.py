@@ -32,6 +32,16 @@ class HeldMembership:
 
 _MEMBERSHIP_COLUMNS = ("profile_id", "joined_group_at", "first_seen_at", "last_seen_at")
 _CURRENT = "segment_id = %s AND is_member"
+_KEYS = {settings.SEGMENTS_TABLE: "id", settings.MEMBERSHIPS_TABLE: "membership_id"}
+
+
+def _newest_versions(qualified_table: str, key: str) -> str:
+    """A derived table holding only the newest loaded version of each key."""
+    return (
+        f"(SELECT * FROM (SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.{key} "
+        f"ORDER BY v._dlt_load_id DESC) AS version_rank FROM {qualified_table} AS v) AS ranked "
+        "WHERE version_rank = 1) AS newest"
+    )
 
 
 class HeldData:
@@ -44,6 +54,10 @@ class HeldData:
         # share it one at a time.
         self._client = pipeline.sql_client() if pipeline is not None else None  # type: ignore[attr-defined]
         self._lock = threading.Lock()
+        # Plain files cannot be merged into: the filesystem destination appends every version
+        # of a row, so only each key's newest load counts.
+        destination = getattr(pipeline, "destination", None)
+        self._appends_versions = getattr(destination, "destination_name", "") == "filesystem"
 
     @classmethod
     def of_current_pipeline(cls) -> "HeldData":
@@ -69,6 +83,8 @@ class HeldData:
             return []
         with self._lock, self._client as client:  # type: ignore[union-attr]
             qualified = client.make_qualified_table_name(table)
+            if self._appends_versions:
+                qualified = _newest_versions(qualified, _KEYS[table])
             try:
                 return list(client.execute_sql(sql.format(table=qualified), *args) or [])
             except DatabaseUndefinedRelation:

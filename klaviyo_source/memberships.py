@@ -14,11 +14,10 @@ is due when Klaviyo's `profile_count` disagrees with the members held, on a sche
 demand; never while the segment `is_processing`, when its membership is in flux.
 """
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Dict, Iterator, List, Optional, Sequence
-
-from dlt.common import logger
 
 from . import settings
 from .client import KlaviyoClient, resources_of
@@ -35,6 +34,8 @@ from .rows import (
     period_row,
     profile_row,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

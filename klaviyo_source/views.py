@@ -103,6 +103,14 @@ def create_views(pipeline: SupportsPipeline) -> List[str]:
     return list(definitions)
 
 
+def account_union_sql(datasets: Dict[str, str], view: str = "current_segment_members") -> str:
+    """One query over the same view of several accounts' datasets, with an `account` column."""
+    return "\nUNION ALL\n".join(
+        f"SELECT '{account}' AS account, v.* FROM {dataset}.{view} AS v"
+        for account, dataset in datasets.items()
+    )
+
+
 if __name__ == "__main__":
     schema = sys.argv[1] if len(sys.argv) > 1 else "klaviyo"
     for view, sql in view_definitions(lambda name: f"{schema}.{name}").items():

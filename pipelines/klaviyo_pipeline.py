@@ -11,6 +11,7 @@ The key comes the dlt way: SOURCES__KLAVIYO__API_KEY or [sources.klaviyo] api_ke
 
 import argparse
 import contextlib
+import logging
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -28,8 +29,8 @@ PIPELINE_NAME = "klaviyo_segments"
 DEMO_SEED = 7
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--destination", default="duckdb", help="any dlt destination (duckdb)")
     parser.add_argument("--dataset-name", default="klaviyo", help="dataset/schema (klaviyo)")
     parser.add_argument("--segments", help="comma-separated segment ids to export (all)")
@@ -57,10 +58,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--demo-profiles", type=int, default=3000, help="demo account size")
     parser.add_argument(
+        "--progress",
+        choices=["log", "tqdm", "enlighten", "alive_progress"],
+        help="dlt's progress display for long runs (log needs no extra package)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no per-segment lines")
+    parser.add_argument(
         "--loader-file-format",
         help="dlt loader file format; default jsonl for duckdb (7x faster than insert_values)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser(__doc__.splitlines()[0]).parse_args(argv)
 
 
 def _csv(value: Optional[str]) -> Optional[List[str]]:
@@ -98,8 +109,13 @@ def load_klaviyo(args: argparse.Namespace, source_overrides: Dict[str, Any]) -> 
         pipeline_name="klaviyo_segments",
         destination=args.destination,
         dataset_name=args.dataset_name,
+        **({"progress": args.progress} if args.progress else {}),
     )
-    source = klaviyo(**source_options(args), **source_overrides)
+    return run_and_report(pipeline, klaviyo(**source_options(args), **source_overrides), args)
+
+
+def run_and_report(pipeline: dlt.Pipeline, source: Any, args: argparse.Namespace) -> LoadInfo:
+    """Load, refresh the SQL views, print a summary; raise naming any segment that failed."""
     # jsonl loads into DuckDB about 7x faster than its default insert_values.
     file_format = args.loader_file_format or ("jsonl" if args.destination == "duckdb" else None)
     load_info = pipeline.run(
@@ -137,8 +153,19 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def show_progress(args: argparse.Namespace) -> None:
+    """Print the source's per-segment lines (rows and requests) on stdout."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    source_logger = logging.getLogger("klaviyo_source")
+    source_logger.addHandler(handler)
+    source_logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    source_logger.propagate = False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    show_progress(args)
     try:
         if args.demo:
             with demo_simulator(args.demo_profiles) as overrides:
