@@ -1,7 +1,7 @@
 """Export Klaviyo segments, tags and segment membership into DuckDB or any dlt destination.
 
     python pipelines/klaviyo_pipeline.py                      # Klaviyo -> klaviyo_segments.duckdb
-    python pipelines/klaviyo_pipeline.py --demo               # bundled simulator, no API key
+    python pipelines/klaviyo_pipeline.py --demo               # simulator -> klaviyo_demo.duckdb
     python pipelines/klaviyo_pipeline.py --destination postgres --segments Y6nRLr,TxVpCr
 
 The key comes the dlt way: SOURCES__KLAVIYO__API_KEY or [sources.klaviyo] api_key in
@@ -12,11 +12,17 @@ The key comes the dlt way: SOURCES__KLAVIYO__API_KEY or [sources.klaviyo] api_ke
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import dlt
-from dlt.common.configuration.exceptions import ConfigFieldMissingException
+from dlt.common.configuration.exceptions import (
+    ConfigFieldMissingException,
+    ConfigurationException,
+    ConfigValueCannotBeCoercedException,
+)
+from dlt.common.configuration.specs import RuntimeConfiguration
 from dlt.common.pipeline import LoadInfo
 from dlt.pipeline.exceptions import PipelineStepFailed
 
@@ -27,6 +33,8 @@ from klaviyo_source.views import create_views
 
 PIPELINE_NAME = "klaviyo_segments"
 DEMO_SEED = 7
+DEMO_DATABASE = "klaviyo_demo.duckdb"
+DUCKDB_CREDENTIALS = "DESTINATION__DUCKDB__CREDENTIALS"
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -103,11 +111,18 @@ def source_options(args: argparse.Namespace) -> Dict[str, Any]:
     return options
 
 
+def destination_for(args: argparse.Namespace) -> Any:
+    """The demo writes its own DuckDB file, so it never mixes into a real account's tables."""
+    if args.demo and args.destination == "duckdb" and not os.environ.get(DUCKDB_CREDENTIALS):
+        return dlt.destinations.duckdb(DEMO_DATABASE)
+    return args.destination
+
+
 def load_klaviyo(args: argparse.Namespace, source_overrides: Dict[str, Any]) -> LoadInfo:
     """Run the pipeline once and print what it loaded; raise if any segment failed."""
     pipeline = dlt.pipeline(
         pipeline_name="klaviyo_segments",
-        destination=args.destination,
+        destination=destination_for(args),
         dataset_name=args.dataset_name,
         **({"progress": args.progress} if args.progress else {}),
     )
@@ -135,13 +150,63 @@ def run_and_report(pipeline: dlt.Pipeline, source: Any, args: argparse.Namespace
     return load_info
 
 
+class StepFailed(Exception):
+    """A dlt step failed for a reason outside Klaviyo; says what is kept and what comes next."""
+
+
+# What a failure in each dlt step leaves behind, and so what the next run does.
+_AFTER_STEP = {
+    "sync": "Nothing was extracted; fix the destination and run again.",
+    "extract": (
+        "Nothing was loaded and no cursor moved: the next run starts from the same place. "
+        "Details: dlt pipeline klaviyo_segments trace."
+    ),
+    "normalize": (
+        "The extracted data is kept in a pending load package; the next run loads it before "
+        "extracting anything new."
+    ),
+    "load": (
+        "The extracted data is kept in a pending load package; the next run loads it before "
+        "extracting anything new."
+    ),
+}
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The last link of the cause chain (dlt keeps a step's error in `.exception` too)."""
+    seen = {id(error)}
+    while True:
+        linked = error.__cause__ or getattr(error, "exception", None)
+        if not isinstance(linked, BaseException) or id(linked) in seen:
+            return error
+        seen.add(id(linked))
+        error = linked
+
+
 def _root_cause(error: BaseException) -> BaseException:
-    """The error a user can act on, out of dlt's step-failure wrappers."""
-    while not isinstance(error, (KlaviyoError, ConfigFieldMissingException)):
-        if error.__cause__ is None:
+    """The error a user can act on, out of dlt's step-failure wrappers.
+
+    A Klaviyo or configuration error is shown as it is. Anything else that failed a dlt step
+    (a locked DuckDB file, a bug) is wrapped with the step and what it left behind.
+    """
+    step = error.step if isinstance(error, PipelineStepFailed) else None
+    current = error
+    seen = {id(error)}
+    while not isinstance(current, (KlaviyoError, ConfigurationException)):
+        linked = current.__cause__ or getattr(current, "exception", None)
+        if not isinstance(linked, BaseException) or id(linked) in seen:
             break
-        error = error.__cause__
-    return error
+        seen.add(id(linked))
+        current = linked
+        if isinstance(current, PipelineStepFailed):
+            step = current.step
+    if isinstance(current, (KlaviyoError, ConfigurationException)) or step is None:
+        return current
+    # The innermost error says it best: dlt's destination errors wrap the driver's message
+    # in a longer, generic one about credentials.
+    reason = _innermost(error)
+    what = f"{type(reason).__name__}: {str(reason).strip().rstrip('.')}"
+    return StepFailed(f"The {step} step failed: {what}. {_AFTER_STEP.get(str(step), '')}".strip())
 
 
 def _one_line(error: BaseException) -> str:
@@ -149,6 +214,19 @@ def _one_line(error: BaseException) -> str:
         return (
             "No Klaviyo API key: set SOURCES__KLAVIYO__API_KEY or [sources.klaviyo] api_key in "
             ".dlt/secrets.toml (or run with --demo)."
+        )
+    if isinstance(error, ConfigValueCannotBeCoercedException):
+        # The value itself is never shown: the field may be a secret.
+        hint = getattr(error.hint, "__name__", str(error.hint))
+        section = (
+            "runtime"
+            if error.field_name in RuntimeConfiguration.get_resolvable_fields()
+            else "sources.klaviyo"
+        )
+        return (
+            f"The configured value of [{section}] {error.field_name} is not a valid {hint}: fix "
+            f"it in .dlt/config.toml or {section.replace('.', '__').upper()}__"
+            f"{error.field_name.upper()}."
         )
     return " ".join(str(error).split())
 
@@ -172,7 +250,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 load_klaviyo(args, overrides)
         else:
             load_klaviyo(args, {})
-    except (KlaviyoError, PipelineStepFailed, ConfigFieldMissingException) as error:
+    except (KlaviyoError, PipelineStepFailed, ConfigurationException) as error:
+        # One line, cause and fix: a scheduler's log shows it as it is.
         print(f"error: {_one_line(_root_cause(error))}", file=sys.stderr)
         return 1
     return 0
