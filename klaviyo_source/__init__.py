@@ -7,26 +7,18 @@ on `membership_id`) and `profiles` (merged on id). Memberships load incrementall
 `sources.klaviyo.resources.segment_memberships.joined_group_at.<segment id>`.
 """
 
-import logging
 from datetime import datetime, timezone
 from typing import Iterator, List, Optional, Sequence
 
 import dlt
 from dlt.extract import DltResource
-from requests.exceptions import RequestException
 
 from . import settings
 from .client import KlaviyoClient
-from .errors import (
-    KlaviyoAPIError,
-    KlaviyoAuthenticationError,
-    KlaviyoConfigError,
-    KlaviyoNotFound,
-    KlaviyoPermissionError,
-)
+from .errors import KlaviyoConfigError
 from .filters import segment_selection
 from .held import HeldData
-from .memberships import MembershipOptions, SegmentSync, close_segment, log_sync, next_cursor
+from .memberships import MembershipOptions, sync_listed_segment
 from .rate_limits import RateLimiter
 from .rows import (
     SEGMENT_COLUMNS,
@@ -34,7 +26,6 @@ from .rows import (
     TAG_COLUMNS,
     Row,
     deleted_segment_row,
-    parse_datetime,
     segment_row,
     segment_tag_ids,
     tag_row,
@@ -42,14 +33,6 @@ from .rows import (
 from .segment_listing import ListedSegment, list_segments
 
 __all__ = ["klaviyo", "KlaviyoClient", "KlaviyoConfigError"]
-
-# Per-segment progress lines; the pipeline script shows them, a library user decides.
-logger = logging.getLogger(__name__)
-
-
-def _stored_time(times: dict, segment_id: str) -> Optional[datetime]:
-    stored = times.get(segment_id)
-    return parse_datetime(stored) if stored else None
 
 
 @dlt.source(name="klaviyo", section="klaviyo")
@@ -140,44 +123,13 @@ def klaviyo(
     # Hints are set per page (rows.as_memberships / as_profiles): this resource fills two tables.
     @dlt.transformer(data_from=segment_listing, write_disposition="merge", parallelized=True)
     def segment_memberships(listed: ListedSegment) -> Iterator[object]:
-        state = dlt.current.resource_state()
-        cursors = state.setdefault(settings.CURSORS_STATE_KEY, {})
-        reconciled = state.setdefault(settings.RECONCILED_STATE_KEY, {})
-        if listed.deleted_at is not None:
-            yield from close_segment(listed.id, listed.held, listed.deleted_at)
-            cursors.pop(listed.id, None)
-            reconciled.pop(listed.id, None)
-            return
-        sync = SegmentSync(
-            client=client,
-            segment_id=listed.id,
-            is_processing=listed.is_processing,
-            cursor=_stored_time(cursors, listed.id),
-            reconciled_at=_stored_time(reconciled, listed.id),
-            held=listed.held,
-            held_count=listed.held_count,
-            options=options,
-            now=run_started,
+        yield from sync_listed_segment(
+            client,
+            listed,
+            options,
+            dlt.current.resource_state(),
+            dlt.current.source_state()[settings.FAILURES_STATE_KEY],
+            run_started,
         )
-        try:
-            yield from sync.run()
-        except (KlaviyoAuthenticationError, KlaviyoPermissionError):
-            raise  # the key is wrong for every segment: stop the run with Klaviyo's reason
-        except KlaviyoNotFound:
-            logger.warning(f"segment {listed.id} was deleted during the run; next run marks it")
-            return
-        except (KlaviyoAPIError, RequestException) as error:
-            # Keep the other segments' progress; this one keeps its old cursor and is
-            # fetched again from there by the next run.
-            failures = dlt.current.source_state()[settings.FAILURES_STATE_KEY]
-            failures[listed.id] = f"segment {listed.id} ({listed.name}): {error}"
-            logger.error(failures[listed.id])
-            return
-        moved = next_cursor(sync.cursor, sync.stats.newest, datetime.now(timezone.utc))
-        if moved is not None:
-            cursors[listed.id] = moved.isoformat()
-        if sync.walked_in_full:
-            reconciled[listed.id] = run_started.isoformat()
-        log_sync(listed.id, listed.name, sync.stats)
 
     return segments, tags, segment_tags, segment_memberships

@@ -16,12 +16,20 @@ demand; never while the segment `is_processing`, when its membership is in flux.
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+from requests.exceptions import RequestException
 
 from . import settings
 from .client import KlaviyoClient, resources_of
-from .errors import KlaviyoConfigError
+from .errors import (
+    KlaviyoAPIError,
+    KlaviyoAuthenticationError,
+    KlaviyoConfigError,
+    KlaviyoNotFound,
+    KlaviyoPermissionError,
+)
 from .filters import joined_after
 from .held import HeldData, HeldMembership
 from .rows import (
@@ -34,6 +42,7 @@ from .rows import (
     period_row,
     profile_row,
 )
+from .segment_listing import ListedSegment
 
 logger = logging.getLogger(__name__)
 
@@ -307,6 +316,63 @@ def next_cursor(
     if not candidates:
         return None
     return min(max(candidates), now)
+
+
+def sync_listed_segment(
+    client: KlaviyoClient,
+    listed: ListedSegment,
+    options: MembershipOptions,
+    state: Dict[str, Any],
+    failures: Dict[str, str],
+    now: datetime,
+) -> Iterator[Any]:
+    """Sync one listed segment and move its cursor; a failure is recorded, not raised.
+
+    `state` is the resource's dlt state (cursors and reconciliation times per segment);
+    `failures` collects this run's failed segments with their reason.
+    """
+    cursors = state.setdefault(settings.CURSORS_STATE_KEY, {})
+    reconciled = state.setdefault(settings.RECONCILED_STATE_KEY, {})
+    if listed.deleted_at is not None:
+        yield from close_segment(listed.id, listed.held, listed.deleted_at)
+        cursors.pop(listed.id, None)
+        reconciled.pop(listed.id, None)
+        return
+    sync = SegmentSync(
+        client=client,
+        segment_id=listed.id,
+        is_processing=listed.is_processing,
+        cursor=_stored_time(cursors, listed.id),
+        reconciled_at=_stored_time(reconciled, listed.id),
+        held=listed.held,
+        held_count=listed.held_count,
+        options=options,
+        now=now,
+    )
+    try:
+        yield from sync.run()
+    except (KlaviyoAuthenticationError, KlaviyoPermissionError):
+        raise  # the key is wrong for every segment: stop the run with Klaviyo's reason
+    except KlaviyoNotFound:
+        logger.warning(f"segment {listed.id} was deleted during the run; next run marks it")
+        return
+    except (KlaviyoAPIError, RequestException) as error:
+        # Keep the other segments' progress; this one keeps its old cursor and is fetched
+        # again from there by the next run.
+        failures[listed.id] = f"segment {listed.id} ({listed.name}): {error}"
+        logger.error(failures[listed.id])
+        return
+    moved = next_cursor(sync.cursor, sync.stats.newest, datetime.now(timezone.utc))
+    if moved is not None:
+        cursors[listed.id] = moved.isoformat()
+    if sync.walked_in_full:
+        reconciled[listed.id] = now.isoformat()
+    log_sync(listed.id, listed.name, sync.stats)
+
+
+def _stored_time(times: Dict[str, str], segment_id: str) -> Optional[datetime]:
+    stored = times.get(segment_id)
+    return parse_datetime(stored) if stored else None
 
 
 def log_sync(segment_id: str, name: Optional[str], stats: SyncStats) -> None:
