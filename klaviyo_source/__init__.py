@@ -18,7 +18,7 @@ from .client import KlaviyoClient
 from .errors import KlaviyoConfigError
 from .filters import segment_selection
 from .held import HeldData
-from .memberships import MembershipOptions, sync_listed_segment
+from .memberships import MembershipOptions, ProfilesSeen, sync_listed_segment
 from .rate_limits import RateLimiter
 from .rows import (
     SEGMENT_COLUMNS,
@@ -84,11 +84,13 @@ def klaviyo(
     client = KlaviyoClient(api_key, base_url, revision, rate_limiter=limiter)
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
     run_started = datetime.now(timezone.utc)
+    profiles_seen = ProfilesSeen()
 
     @dlt.resource(name="segment_listing", selected=False)
     def segment_listing() -> Iterator[ListedSegment]:
         # Failures are per run: a segment that failed last time and works now is no failure.
         dlt.current.source_state()[settings.FAILURES_STATE_KEY] = {}
+        profiles_seen.clear()
         yield from list_segments(
             client, selection, segment_ids or [], HeldData.of_current_pipeline(), run_started
         )
@@ -130,6 +132,7 @@ def klaviyo(
             dlt.current.resource_state(),
             dlt.current.source_state()[settings.FAILURES_STATE_KEY],
             run_started,
+            profiles_seen,
         )
 
     return segments, tags, segment_tags, segment_memberships

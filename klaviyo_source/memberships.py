@@ -15,9 +15,10 @@ demand; never while the segment `is_processing`, when its membership is in flux.
 """
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
 
 from requests.exceptions import RequestException
 
@@ -125,6 +126,29 @@ class SyncStats:
     reconciled: bool = False
 
 
+class ProfilesSeen:
+    """Profiles already emitted in this run, shared by the parallel segment walks.
+
+    A profile in twenty segments is fetched twenty times; loading it once keeps the load small
+    and keeps append-only destinations (plain parquet files) free of copies.
+    """
+
+    def __init__(self) -> None:
+        self._ids: Set[str] = set()
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._ids.clear()
+
+    def first_seen(self, profiles: List[Row]) -> List[Row]:
+        """The rows of profiles not emitted before in this run (and marks them emitted)."""
+        with self._lock:
+            fresh = [row for row in profiles if row["id"] not in self._ids]
+            self._ids.update(row["id"] for row in fresh)
+        return fresh
+
+
 @dataclass
 class SegmentSync:
     """Everything one segment's sync needs; `run()` yields its table rows page by page."""
@@ -138,7 +162,7 @@ class SegmentSync:
     held_count: int
     options: MembershipOptions
     now: datetime
-    reconcile_requested: bool = False
+    profiles_seen: "ProfilesSeen"
 
     def __post_init__(self) -> None:
         self.stats = SyncStats()
@@ -211,7 +235,7 @@ class SegmentSync:
             periods.append(period_row(row))
             if self.options.include_profiles:
                 profiles.append(profile_row(resource))
-        yield from self._emit(memberships, periods, profiles)
+        yield from self._emit(memberships, periods, self.profiles_seen.first_seen(profiles))
 
     def _emit(
         self, memberships: List[Row], periods: List[Row], profiles: List[Row]
@@ -232,7 +256,7 @@ class SegmentSync:
         if self.is_processing:
             logger.info(f"segment {self.segment_id} is processing: leaves are looked for later")
             return False
-        if self.reconcile_requested or self.options.reconcile == "all":
+        if self.options.reconcile == "all":
             return True
         every = self.options.full_reconcile_every
         if every is not None and (
@@ -280,7 +304,7 @@ class SegmentSync:
             held.joined_group_at,
             held.first_seen_at,
             last_seen,
-            left_before=before,
+            left_at_latest=before,
             left_reason=reason,
         )
 
@@ -294,7 +318,7 @@ def close_segment(segment_id: str, held: HeldData, closed_at: datetime) -> Itera
             membership.joined_group_at,
             membership.first_seen_at,
             membership.last_seen_at,
-            left_before=closed_at,
+            left_at_latest=closed_at,
             left_reason="segment_deleted",
         )
         for membership in held.members(segment_id).values()
@@ -325,6 +349,7 @@ def sync_listed_segment(
     state: Dict[str, Any],
     failures: Dict[str, str],
     now: datetime,
+    profiles_seen: ProfilesSeen,
 ) -> Iterator[Any]:
     """Sync one listed segment and move its cursor; a failure is recorded, not raised.
 
@@ -348,6 +373,7 @@ def sync_listed_segment(
         held_count=listed.held_count,
         options=options,
         now=now,
+        profiles_seen=profiles_seen,
     )
     try:
         yield from sync.run()

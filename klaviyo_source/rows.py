@@ -72,10 +72,14 @@ def membership_row(
     joined_group_at: datetime,
     first_seen_at: datetime,
     last_seen_at: datetime,
-    left_before: Optional[datetime] = None,
+    left_at_latest: Optional[datetime] = None,
     left_reason: Optional[str] = None,
 ) -> Row:
-    """A membership; an ended one left between `last_seen_at` and `left_before`."""
+    """A membership; an ended one left between `left_at_earliest` and `left_at_latest`.
+
+    Klaviyo never dates a leave: it happened after the membership was last seen present and
+    before its absence was seen (or before a re-join).
+    """
     return {
         "membership_id": membership_key(segment_id, profile_id),
         "segment_id": segment_id,
@@ -83,8 +87,9 @@ def membership_row(
         "joined_group_at": joined_group_at,
         "first_seen_at": first_seen_at,
         "last_seen_at": last_seen_at,
-        "is_member": left_before is None,
-        "left_before": left_before,
+        "is_member": left_at_latest is None,
+        "left_at_earliest": None if left_at_latest is None else last_seen_at,
+        "left_at_latest": left_at_latest,
         "left_reason": left_reason,
     }
 
@@ -123,7 +128,8 @@ MEMBERSHIP_COLUMNS: TTableSchemaColumns = {
     "first_seen_at": {"data_type": "timestamp"},
     "last_seen_at": {"data_type": "timestamp"},
     "is_member": {"data_type": "bool"},
-    "left_before": {"data_type": "timestamp"},
+    "left_at_earliest": {"data_type": "timestamp"},
+    "left_at_latest": {"data_type": "timestamp"},
     "left_reason": {"data_type": "text"},
 }
 PERIOD_COLUMNS: TTableSchemaColumns = {

@@ -5,14 +5,17 @@ pipeline's dataset after a load; `view_definitions` returns the same statements 
 warehouse (print them with `python -m klaviyo_source.views <schema>`).
 """
 
+import logging
 import sys
 from typing import Callable, Dict, List
 
 from dlt.common.pipeline import SupportsPipeline
+from dlt.destinations.exceptions import DatabaseException
 
 from . import settings
 
 Qualify = Callable[[str], str]
+logger = logging.getLogger(__name__)
 
 
 def _current_members(q: Qualify, with_profiles: bool) -> str:
@@ -35,23 +38,30 @@ def _history(q: Qualify) -> str:
     # an open period lasts until now.
     return f"""
 SELECT h.segment_id, s.name AS segment_name, h.profile_id, h.joined_group_at,
-       h.first_seen_at, h.last_seen_at, h.left_before, h.left_reason, h.is_member,
-       EXTRACT(EPOCH FROM (COALESCE(h.left_before, CURRENT_TIMESTAMP) - h.joined_group_at))
-           / 86400.0 AS days_in_segment
+       h.first_seen_at, h.last_seen_at, h.left_at_earliest, h.left_at_latest, h.left_reason,
+       h.is_member,
+       CAST(
+           EXTRACT(EPOCH FROM (COALESCE(h.left_at_latest, CURRENT_TIMESTAMP) - h.joined_group_at))
+           AS DOUBLE PRECISION
+       ) / 86400.0 AS days_in_segment
 FROM {q(settings.PERIODS_TABLE)} AS h
 LEFT JOIN {q(settings.SEGMENTS_TABLE)} AS s ON s.id = h.segment_id"""
 
 
 def _joins_leaves_daily(q: Qualify) -> str:
-    # A leave counts on the day it was found; it happened after `last_seen_at`.
+    # A leave counts on the day it was found; it happened after `left_at_earliest`. Days are
+    # UTC days whatever the session's time zone.
     return f"""
-SELECT segment_id, day, SUM(joins) AS joins, SUM(leaves) AS leaves
+SELECT segment_id, day, CAST(SUM(joins) AS BIGINT) AS joins,
+       CAST(SUM(leaves) AS BIGINT) AS leaves
 FROM (
-    SELECT segment_id, CAST(joined_group_at AS DATE) AS day, 1 AS joins, 0 AS leaves
+    SELECT segment_id, CAST(joined_group_at AT TIME ZONE 'UTC' AS DATE) AS day, 1 AS joins,
+           0 AS leaves
     FROM {q(settings.PERIODS_TABLE)}
     UNION ALL
-    SELECT segment_id, CAST(left_before AS DATE) AS day, 0 AS joins, 1 AS leaves
-    FROM {q(settings.PERIODS_TABLE)} WHERE left_before IS NOT NULL
+    SELECT segment_id, CAST(left_at_latest AT TIME ZONE 'UTC' AS DATE) AS day, 0 AS joins,
+           1 AS leaves
+    FROM {q(settings.PERIODS_TABLE)} WHERE left_at_latest IS NOT NULL
 ) AS changes
 GROUP BY segment_id, day"""
 
@@ -59,9 +69,9 @@ GROUP BY segment_id, day"""
 def _size_daily(q: Qualify) -> str:
     return f"""
 SELECT segment_id, day, joins, leaves,
-       SUM(joins - leaves) OVER (
+       CAST(SUM(joins - leaves) OVER (
            PARTITION BY segment_id ORDER BY day ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
-       ) AS members
+       ) AS BIGINT) AS members
 FROM {q("segment_joins_leaves_daily")}"""
 
 
@@ -79,7 +89,8 @@ def create_views(pipeline: SupportsPipeline) -> List[str]:
     """Create (or replace) the views in the pipeline's dataset; returns their names.
 
     Does nothing on destinations without SQL views (the filesystem destination): query the
-    tables there, or apply `view_definitions` in the engine that reads them.
+    tables there, or apply `view_definitions` in the engine that reads them. A view the
+    destination refuses is reported, not raised: the load it follows has succeeded.
     """
     tables = pipeline.default_schema.tables  # type: ignore[attr-defined]
     if settings.PERIODS_TABLE not in tables or settings.SEGMENTS_TABLE not in tables:
@@ -96,11 +107,17 @@ def create_views(pipeline: SupportsPipeline) -> List[str]:
         definitions = view_definitions(
             client.make_qualified_table_name, with_profiles=settings.PROFILES_TABLE in tables
         )
+        created = []
         for name, body in definitions.items():
             qualified = client.make_qualified_table_name(name)
-            client.execute_sql(f"DROP VIEW IF EXISTS {qualified} CASCADE")
-            client.execute_sql(f"CREATE VIEW {qualified} AS {body}")
-    return list(definitions)
+            try:
+                client.execute_sql(f"DROP VIEW IF EXISTS {qualified} CASCADE")
+                client.execute_sql(f"CREATE VIEW {qualified} AS {body}")
+            except DatabaseException as error:
+                logger.warning(f"view {name} was not created: {' '.join(str(error).split())}")
+                continue
+            created.append(name)
+    return created
 
 
 def account_union_sql(datasets: Dict[str, str], view: str = "current_segment_members") -> str:

@@ -14,9 +14,14 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-import dlt
+# Read the project's .dlt/ (config, secrets) from whatever directory the script is started in:
+# schedulers (dlt deploy's GitHub workflow among them) start it from pipelines/.
+os.environ.setdefault("DLT_PROJECT_DIR", str(Path(__file__).resolve().parents[1]))
+
+import dlt  # noqa: E402
 from dlt.common.configuration.exceptions import (
     ConfigFieldMissingException,
     ConfigurationException,

@@ -19,6 +19,7 @@ ACCOUNT_SIZE: Dict[str, int] = {"segments": 8, "tags": 6, "profiles": 1200, "mem
 def _isolated_dlt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep every test's pipeline state and working files inside its own temporary folder."""
     monkeypatch.setenv("DLT_DATA_DIR", str(tmp_path / "dlt_data"))
+    monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")  # no network beyond 127.0.0.1
     for name in list(os.environ):
         if name.startswith(("SOURCES__", "DESTINATION__")):
             monkeypatch.delenv(name)

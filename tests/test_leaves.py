@@ -34,16 +34,16 @@ def _assert_leaves_within_bounds(pipeline: dlt.Pipeline, leaves: Leaves) -> None
     """Every true leave is recorded as ended, between last seen and found gone."""
     rows = query(
         pipeline,
-        "SELECT segment_id, profile_id, is_member, last_seen_at, left_before, left_reason "
+        "SELECT segment_id, profile_id, is_member, left_at_earliest, left_at_latest, left_reason "
         "FROM segment_memberships",
     )
     recorded = {(r[0], r[1]): r[2:] for r in rows}
     for key, left_at in leaves.items():
-        is_member, last_seen, left_before, reason = recorded[key]
+        is_member, earliest, latest, reason = recorded[key]
         if is_member:
             continue  # re-joined since: its earlier period is checked in the history table
         assert reason == "left", key
-        assert utc(last_seen) <= left_at <= utc(left_before), key
+        assert utc(earliest) <= left_at <= utc(latest), key
 
 
 def _walked_in_full(simulator: KlaviyoSimulator, among: List[str]) -> set:
@@ -71,7 +71,7 @@ def test_a_leave_is_found_and_dated_within_its_bounds(
     _assert_leaves_within_bounds(pipeline, leaves)
     periods = query(
         pipeline,
-        "SELECT left_before FROM segment_membership_periods "
+        "SELECT left_at_latest FROM segment_membership_periods "
         f"WHERE segment_id = '{segment_id}' AND profile_id = '{leaver}'",
     )
     assert len(periods) == 1 and periods[0][0] is not None
@@ -139,7 +139,7 @@ def test_leave_then_rejoin_opens_a_new_period(
     assert loaded_memberships(pipeline) == true_memberships(account)
     periods = query(
         pipeline,
-        "SELECT joined_group_at, left_before, left_reason FROM segment_membership_periods "
+        "SELECT joined_group_at, left_at_latest, left_reason FROM segment_membership_periods "
         f"WHERE segment_id = '{segment_id}' AND profile_id = '{profile_id}' "
         "ORDER BY joined_group_at",
     )
@@ -166,7 +166,7 @@ def test_join_leave_join_between_two_runs_closes_the_earlier_period(
     assert loaded_memberships(pipeline) == true_memberships(account)
     periods = query(
         pipeline,
-        "SELECT joined_group_at, last_seen_at, left_before, left_reason "
+        "SELECT joined_group_at, last_seen_at, left_at_latest, left_reason "
         "FROM segment_membership_periods "
         f"WHERE segment_id = '{segment_id}' AND profile_id = '{profile_id}' "
         "ORDER BY joined_group_at",
@@ -212,7 +212,7 @@ def test_deleted_segment_closes_its_history(
 
     periods = query(
         pipeline,
-        "SELECT profile_id, left_reason, left_before FROM segment_membership_periods "
+        "SELECT profile_id, left_reason, left_at_latest FROM segment_membership_periods "
         f"WHERE segment_id = '{segment_id}'",
     )
     assert {row[0] for row in periods} == members

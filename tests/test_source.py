@@ -216,7 +216,7 @@ def test_deleted_segment_ends_its_memberships_and_rename_updates_the_row(
     assert segments[renamed]["name"] == "Renamed segment"
     rows = query(
         pipeline,
-        "SELECT profile_id, is_member, left_reason, left_before FROM segment_memberships "
+        "SELECT profile_id, is_member, left_reason, left_at_latest FROM segment_memberships "
         f"WHERE segment_id = '{doomed}'",
     )
     assert {row[0] for row in rows} == doomed_members

@@ -1,0 +1,400 @@
+"""The membership scenarios of the DuckDB tests, loaded into a real PostgreSQL server.
+
+The server is started by the suite itself (tests/postgres_server.py: PostgreSQL 16 from the
+`pgserver` wheel, on a loopback port), each test loads into its own dataset (schema) and the
+loaded tables and the four SQL views are compared with the simulator's ground truth.
+
+The scenario steps and checks are written against anything that offers `sql_client()` and
+`default_schema` like a dlt pipeline, so tests/test_filesystem.py runs the same ones over the
+parquet files of the filesystem destination.
+"""
+
+import secrets
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+
+import dlt
+import pytest
+from expected import (
+    loaded_memberships,
+    loaded_segment_tags,
+    loaded_segments,
+    loaded_tags,
+    query,
+    table_snapshot,
+    true_memberships,
+    true_segments,
+    utc,
+)
+from postgres_server import PostgresServer, postgres_server_fixture
+
+from klaviyo_source import settings
+from klaviyo_source.simulator import Account, generate_account
+from klaviyo_source.views import create_views
+
+# Small enough for a few seconds per test; the largest segment still spans four pages.
+SMALL_ACCOUNT: Dict[str, int] = {"segments": 6, "tags": 4, "profiles": 400, "memberships": 1000}
+ACCOUNT_SEED = 21
+
+DATA_TABLES = (
+    settings.SEGMENTS_TABLE,
+    settings.TAGS_TABLE,
+    settings.SEGMENT_TAGS_TABLE,
+    settings.MEMBERSHIPS_TABLE,
+    settings.PERIODS_TABLE,
+    settings.PROFILES_TABLE,
+)
+# The primary key of every merged table: one row per key, whatever the destination.
+MERGE_KEYS: Dict[str, str] = {
+    settings.SEGMENTS_TABLE: "id",
+    settings.MEMBERSHIPS_TABLE: "membership_id",
+    settings.PERIODS_TABLE: "period_id",
+    settings.PROFILES_TABLE: "id",
+}
+VIEWS = (
+    "current_segment_members",
+    "segment_membership_history",
+    "segment_joins_leaves_daily",
+    "segment_size_daily",
+)
+
+Membership = Tuple[str, str]  # (segment_id, profile_id)
+
+postgres_server = postgres_server_fixture()
+
+
+@pytest.fixture(autouse=True)
+def _no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No anonymous usage reports from dlt: the tests reach nothing but 127.0.0.1."""
+    monkeypatch.setenv("RUNTIME__DLTHUB_TELEMETRY", "false")
+
+
+@pytest.fixture
+def account() -> Account:
+    """A smaller account than conftest's, so both runs stay fast on PostgreSQL."""
+    return generate_account(seed=ACCOUNT_SEED, **SMALL_ACCOUNT)
+
+
+@pytest.fixture
+def postgres_pipeline(postgres_server: PostgresServer, tmp_path: Path) -> Iterator[dlt.Pipeline]:
+    """The real pipeline's name, loading into a dataset of this test's own on the server."""
+    dataset = f"klaviyo_{secrets.token_hex(4)}"
+    yield dlt.pipeline(
+        pipeline_name="klaviyo_segments",
+        pipelines_dir=str(tmp_path / "pipelines"),
+        destination=dlt.destinations.postgres(credentials=postgres_server.dsn()),
+        dataset_name=dataset,
+    )
+    connection = postgres_server.connect()
+    try:
+        connection.cursor().execute(f'DROP SCHEMA IF EXISTS "{dataset}" CASCADE')
+    finally:
+        connection.close()
+
+
+# -- the scenario, shared with tests/test_filesystem.py ----------------------------------------
+
+
+@dataclass
+class Changes:
+    """What changed in the account between two runs, to check the second run against."""
+
+    now: datetime
+    joins: Dict[Membership, datetime] = field(default_factory=dict)
+    rejoin: Optional[Membership] = None
+    leaves: Dict[Membership, datetime] = field(default_factory=dict)
+    created: str = ""
+    deleted: str = ""
+    deleted_name: str = ""
+    deleted_members: Set[str] = field(default_factory=set)
+
+
+def _settled_by_size(account: Account) -> List[str]:
+    segments = account.segments()
+    return sorted(
+        (
+            sid
+            for sid, m in account.memberships().items()
+            if m and not segments[sid]["is_processing"]
+        ),
+        key=lambda sid: -len(account.members(sid)),
+    )
+
+
+def change_between_runs(account: Account) -> Changes:
+    """Joins (one late-visible), a re-join, a new segment, leaves and a deleted segment."""
+    settled = _settled_by_size(account)
+    assert len(settled) >= 3, "the scenario needs three settled segments with members"
+    big, mid, small = settled[0], settled[1], settled[-1]
+    populated = [sid for sid, members in account.memberships().items() if members]
+    doomed = next(sid for sid in populated if sid not in (big, mid, small))
+    changes = Changes(now=datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=5))
+
+    # A new join, and a late-visible one: older than the newest join already loaded, but
+    # inside the lookback window.
+    cursor = max(account.members(small).values())
+    newcomer, late = [pid for pid in account.profiles() if pid not in account.members(small)][:2]
+    for profile_id, joined in ((newcomer, changes.now), (late, cursor - timedelta(minutes=20))):
+        account.join(small, profile_id, at=joined)
+        changes.joins[(small, profile_id)] = joined
+
+    rejoiner = sorted(account.members(big))[0]
+    account.rejoin(big, rejoiner, at=changes.now)
+    changes.rejoin = (big, rejoiner)
+
+    for profile_id in sorted(account.members(mid))[:5]:
+        account.leave(mid, profile_id)
+        changes.leaves[(mid, profile_id)] = datetime.now(timezone.utc)
+
+    changes.created = account.create_segment(
+        "Created between runs", tag_ids=sorted(account.tags())[:1]
+    )
+    for profile_id in sorted(account.profiles())[:30]:
+        joined = changes.now - timedelta(days=3)
+        account.join(changes.created, profile_id, at=joined)
+        changes.joins[(changes.created, profile_id)] = joined
+
+    changes.deleted = doomed
+    changes.deleted_name = account.segments()[doomed]["name"]
+    changes.deleted_members = set(account.members(doomed))
+    account.delete_segment(doomed)
+    return changes
+
+
+def assert_no_duplicate_keys(reader: Any) -> None:
+    """Every merged table holds one row per primary key."""
+    for table, key in MERGE_KEYS.items():
+        repeated = query(reader, f"SELECT {key} FROM {table} GROUP BY {key} HAVING COUNT(*) > 1")
+        assert repeated == [], f"{table} holds {key}s more than once: {repeated[:5]}"
+
+
+def assert_tables_match_truth(reader: Any, account: Account) -> None:
+    """Segments, tags, links, current memberships and member profiles equal the truth."""
+    live = true_segments(account)
+    held_segments = loaded_segments(reader)
+    assert {sid: row for sid, row in held_segments.items() if sid in live} == live
+    assert loaded_tags(reader) == account.tags()
+    assert loaded_segment_tags(reader) == account.segment_tags()
+    assert loaded_memberships(reader) == true_memberships(account)
+
+    profiles = account.profiles()
+    held_profiles = {
+        row[0]: row[1:] for row in query(reader, "SELECT id, email, external_id FROM profiles")
+    }
+    for members in account.memberships().values():
+        for profile_id in members:
+            truth = profiles[profile_id]
+            assert held_profiles[profile_id] == (truth["email"], truth["external_id"])
+
+
+def assert_first_run_matches_truth(reader: Any, account: Account) -> None:
+    """A first run: the truth row by row, every membership current with one open period."""
+    assert set(loaded_segments(reader)) == set(account.segments())
+    assert_tables_match_truth(reader, account)
+    rows = query(
+        reader,
+        "SELECT membership_id, is_member, first_seen_at, last_seen_at, left_at_latest, left_reason "
+        "FROM segment_memberships",
+    )
+    assert len(rows) == sum(len(m) for m in account.memberships().values())
+    for _, is_member, first_seen, last_seen, left_at_latest, reason in rows:
+        assert is_member and first_seen == last_seen and left_at_latest is None and reason is None
+    periods = query(reader, "SELECT membership_id, left_at_latest FROM segment_membership_periods")
+    assert sorted(p[0] for p in periods) == sorted(r[0] for r in rows)
+    assert all(left is None for _, left in periods)
+    assert_no_duplicate_keys(reader)
+
+
+def first_seen_times(reader: Any) -> Dict[str, datetime]:
+    rows = query(reader, "SELECT membership_id, first_seen_at FROM segment_memberships")
+    return {membership_id: utc(seen) for membership_id, seen in rows}
+
+
+def assert_second_run_matches_truth(
+    reader: Any, account: Account, changes: Changes, first_seen_before: Dict[str, datetime]
+) -> None:
+    """After the changes: the truth again, with every ending recorded and history kept."""
+    assert_tables_match_truth(reader, account)
+    assert_no_duplicate_keys(reader)
+    segments = loaded_segments(reader)
+    assert segments[changes.created]["deleted_at"] is None
+    assert segments[changes.deleted]["deleted_at"] is not None
+    assert segments[changes.deleted]["name"] == changes.deleted_name
+
+    recorded = {
+        (row[0], row[1]): row[2:]
+        for row in query(
+            reader,
+            "SELECT segment_id, profile_id, is_member, joined_group_at, first_seen_at, "
+            "last_seen_at, left_at_latest, left_reason FROM segment_memberships",
+        )
+    }
+    for key, joined in changes.joins.items():
+        assert recorded[key][0] is True and utc(recorded[key][1]) == joined, key
+    for key, left_at in changes.leaves.items():
+        is_member, _, _, last_seen, left_at_latest, reason = recorded[key]
+        assert not is_member and reason == "left", key
+        assert utc(last_seen) <= left_at <= utc(left_at_latest), key
+    deleted_rows = {key: row for key, row in recorded.items() if key[0] == changes.deleted}
+    assert {pid for _, pid in deleted_rows} == changes.deleted_members
+    assert all(
+        not row[0] and row[5] == "segment_deleted" and row[4] is not None
+        for row in deleted_rows.values()
+    )
+
+    assert changes.rejoin is not None
+    big, rejoiner = changes.rejoin
+    assert utc(recorded[changes.rejoin][1]) == changes.now
+    periods = query(
+        reader,
+        "SELECT joined_group_at, left_at_latest, left_reason FROM segment_membership_periods "
+        f"WHERE segment_id = '{big}' AND profile_id = '{rejoiner}' ORDER BY joined_group_at",
+    )
+    assert len(periods) == 2
+    (_, closed_at, closed_reason), (reopened, still_open, _) = periods
+    assert closed_reason == "rejoined" and utc(closed_at) == changes.now
+    assert utc(reopened) == changes.now and still_open is None
+
+    # Memberships that did not change keep the time this pipeline first saw them.
+    changed = {f"{sid}:{pid}" for sid, pid in (*changes.joins, changes.rejoin)}
+    for membership_id, seen in first_seen_times(reader).items():
+        if membership_id in first_seen_before and membership_id not in changed:
+            assert seen == first_seen_before[membership_id], membership_id
+
+
+def snapshot(reader: Any) -> Dict[str, List[Tuple[Any, ...]]]:
+    """Every data table without dlt's bookkeeping columns."""
+    return {table: table_snapshot(reader, table) for table in DATA_TABLES}
+
+
+def assert_views_match_truth(reader: Any, account: Account, deleted: Optional[str]) -> None:
+    """The four views answer like the tables, and the tables like the truth."""
+    segments = account.segments()
+    profiles = account.profiles()
+    current = query(
+        reader,
+        "SELECT segment_id, segment_name, profile_id, email, joined_group_at "
+        "FROM current_segment_members",
+    )
+    assert len(current) == len(set(current))
+    assert {(r[0], r[1], r[2], r[3], utc(r[4])) for r in current} == {
+        (sid, segments[sid]["name"], pid, profiles[pid]["email"], joined)
+        for sid, members in account.memberships().items()
+        for pid, joined in members.items()
+    }
+
+    periods = query(
+        reader,
+        "SELECT segment_id, profile_id, joined_group_at, left_at_latest, left_reason, is_member "
+        "FROM segment_membership_periods",
+    )
+    before = datetime.now(timezone.utc)
+    history = query(
+        reader,
+        "SELECT segment_id, profile_id, joined_group_at, left_at_latest, left_reason, is_member, "
+        "segment_name, days_in_segment FROM segment_membership_history",
+    )
+    after = datetime.now(timezone.utc)
+    assert sorted(row[:6] for row in history) == sorted(periods)
+    for segment_id, _, joined, left_at_latest, _, _, name, days in history:
+        if segment_id in segments:
+            assert name == segments[segment_id]["name"]
+        else:
+            assert segment_id == deleted and name  # a deleted segment keeps its last name
+        if left_at_latest is not None:
+            exact = (left_at_latest - joined).total_seconds() / 86400
+            assert abs(float(days) - exact) < 1e-6
+        else:
+            low = (before - joined).total_seconds() - 1
+            high = (after - joined).total_seconds() + 1
+            assert low / 86400 <= float(days) <= high / 86400
+
+    # Joins and leaves per UTC day, from the history table.
+    expected_daily: Dict[Tuple[str, date], List[int]] = {}
+    for segment_id, _, joined, left_at_latest, _, _ in periods:
+        expected_daily.setdefault((segment_id, utc(joined).date()), [0, 0])[0] += 1
+        if left_at_latest is not None:
+            expected_daily.setdefault((segment_id, utc(left_at_latest).date()), [0, 0])[1] += 1
+    daily = query(reader, "SELECT segment_id, day, joins, leaves FROM segment_joins_leaves_daily")
+    assert {(r[0], r[1]): [int(r[2]), int(r[3])] for r in daily} == expected_daily
+
+    # The size on each segment's last day is its member count now (0 once deleted).
+    sizes = query(reader, "SELECT segment_id, day, members FROM segment_size_daily ORDER BY day")
+    assert len(sizes) == len(daily)
+    last_size: Dict[str, int] = {}
+    for segment_id, _, members in sizes:
+        assert int(members) >= 0
+        last_size[segment_id] = int(members)
+    truth = {sid: len(members) for sid, members in true_memberships(account).items()}
+    if deleted is not None:
+        truth[deleted] = 0
+    assert last_size == truth
+
+
+def run_two_scenario_runs(
+    run: Callable[[], Any], reader: Any, account: Account
+) -> Tuple[Changes, Dict[str, List[Tuple[Any, ...]]]]:
+    """First run, changes, second run, checked against the truth; returns the changes and
+    the tables after the second run."""
+    run()
+    assert_first_run_matches_truth(reader, account)
+    first_seen = first_seen_times(reader)
+    changes = change_between_runs(account)
+    run()
+    assert_second_run_matches_truth(reader, account, changes, first_seen)
+    return changes, snapshot(reader)
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------
+
+
+def _views_in(server: PostgresServer, dataset: str) -> Set[str]:
+    connection = server.connect()
+    try:
+        cursor = connection.cursor()
+        cursor.execute(
+            "SELECT table_name FROM information_schema.views WHERE table_schema = %s", (dataset,)
+        )
+        return {row[0] for row in cursor.fetchall()}
+    finally:
+        connection.close()
+
+
+def test_first_run_into_postgres_equals_the_truth(
+    account: Account,
+    source_for: Callable,
+    postgres_pipeline: dlt.Pipeline,
+    postgres_server: PostgresServer,
+) -> None:
+    postgres_pipeline.run(source_for())
+
+    assert postgres_pipeline.destination.destination_name == "postgres"
+    assert_first_run_matches_truth(postgres_pipeline, account)
+    assert create_views(postgres_pipeline) == list(VIEWS)
+    assert _views_in(postgres_server, postgres_pipeline.dataset_name) == set(VIEWS)
+    assert_views_match_truth(postgres_pipeline, account, deleted=None)
+
+
+def test_second_run_into_postgres_follows_every_change(
+    account: Account,
+    source_for: Callable,
+    postgres_pipeline: dlt.Pipeline,
+    postgres_server: PostgresServer,
+) -> None:
+    def run() -> None:
+        postgres_pipeline.run(source_for())
+
+    changes, after_second = run_two_scenario_runs(run, postgres_pipeline, account)
+
+    assert create_views(postgres_pipeline) == list(VIEWS)
+    assert _views_in(postgres_server, postgres_pipeline.dataset_name) == set(VIEWS)
+    assert_views_match_truth(postgres_pipeline, account, deleted=changes.deleted)
+
+    # Nothing changed since: the held rows are read back from PostgreSQL and nothing moves.
+    run()
+    assert snapshot(postgres_pipeline) == after_second
+    # The views survive a later load and can be created again over themselves.
+    assert_views_match_truth(postgres_pipeline, account, deleted=changes.deleted)
+    assert create_views(postgres_pipeline) == list(VIEWS)
