@@ -358,6 +358,8 @@ def sync_listed_segment(
     """
     cursors = state.setdefault(settings.CURSORS_STATE_KEY, {})
     reconciled = state.setdefault(settings.RECONCILED_STATE_KEY, {})
+    if not listed.selected:
+        return  # kept in `segments` for its attributes; its members are not exported
     if listed.deleted_at is not None:
         yield from close_segment(listed.id, listed.held, listed.deleted_at)
         cursors.pop(listed.id, None)

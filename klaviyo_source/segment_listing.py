@@ -2,7 +2,8 @@
 
 A segment loaded before and missing from today's listing is either deleted or simply no
 longer selected (renamed out of a name filter, made inactive). One GET of that segment tells
-which: a 404 means deleted. Configured segment ids Klaviyo has never had are a user error.
+which: a 404 means deleted, a 200 brings its current attributes. Configured segment ids
+Klaviyo has never had are a user error.
 """
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class ListedSegment:
     resource: Optional[Dict[str, Any]] = None
     held_row: Optional[Dict[str, Any]] = None
     deleted_at: Optional[datetime] = None
+    selected: bool = True
 
     @property
     def is_processing(self) -> bool:
@@ -65,7 +67,11 @@ def list_segments(
     ]
     listed = {segment.id for segment in live}
     held_live = held.live_segments()
-    unknown = [value for value in configured_ids if value not in listed and value not in held_live]
+    unknown = [
+        value
+        for value in configured_ids
+        if value not in listed and value not in held_live and _current(client, value) is None
+    ]
     if unknown:
         raise KlaviyoConfigError(
             f"Klaviyo has no segment with id {', '.join(unknown)}. Fix [sources.klaviyo] "
@@ -73,13 +79,22 @@ def list_segments(
         )
     yield from live
     for segment_id, held_row in held_live.items():
-        if segment_id not in listed and _is_deleted(client, segment_id):
+        if segment_id in listed:
+            continue
+        resource = _current(client, segment_id)
+        if resource is None:
             yield ListedSegment(id=segment_id, held=held, held_row=held_row, deleted_at=now)
+        else:
+            # Still in Klaviyo but no longer selected (made inactive, renamed out of a name
+            # filter): its row is kept up to date, its members are no longer walked.
+            yield ListedSegment(id=segment_id, held=held, resource=resource, selected=False)
 
 
-def _is_deleted(client: KlaviyoClient, segment_id: str) -> bool:
+def _current(client: KlaviyoClient, segment_id: str) -> Optional[Dict[str, Any]]:
+    """The segment as Klaviyo has it now, or None if it does not exist (any more)."""
     try:
-        client.get_segment(segment_id, fields_segment=["name"])
+        document = client.get_segment(segment_id, include=["tags"])
     except KlaviyoNotFound:
-        return True
-    return False
+        return None
+    data = document.get("data")
+    return data if isinstance(data, dict) else None

@@ -291,3 +291,28 @@ def test_unknown_segment_id_fails_before_anything_is_written(
     assert isinstance(cause, KlaviyoConfigError)
     assert "NoSuch" in str(cause)
     assert "segments" not in pipeline.dataset().tables
+
+
+def test_segment_leaving_the_selection_keeps_its_row_current_and_is_not_walked(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    source_for: Callable,
+    make_pipeline: Callable,
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for(is_active=True))
+    active = [sid for sid, attrs in account.segments().items() if attrs["is_active"]]
+    dropped = next(sid for sid in active if account.members(sid))
+    members_before = loaded_memberships(pipeline)[dropped]
+    account.set_active(dropped, False)
+
+    simulator.reset_counters()
+    pipeline.run(source_for(is_active=True))
+
+    assert loaded_segments(pipeline)[dropped]["is_active"] is False
+    assert loaded_segments(pipeline)[dropped]["deleted_at"] is None
+    assert loaded_memberships(pipeline)[dropped] == members_before
+    walked = {
+        r.path.split("/")[3] for r in simulator.request_log if r.operation == "get_segment_profiles"
+    }
+    assert dropped not in walked
