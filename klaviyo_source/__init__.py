@@ -78,7 +78,7 @@ def klaviyo(
         full_reconcile_every_hours,
     )
     try:
-        limiter = RateLimiter(rate_limit_share, rate_limit_time_scale)
+        limiter = RateLimiter(rate_limit_share, rate_limit_time_scale, revision=revision)
     except ValueError as error:
         raise KlaviyoConfigError(f"{error}. Fix it in [sources.klaviyo].") from error
     client = KlaviyoClient(api_key, base_url, revision, rate_limiter=limiter)

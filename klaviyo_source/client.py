@@ -1,33 +1,77 @@
 """HTTP client for Klaviyo's segment and tag endpoints, built on dlt's `RESTClient`.
 
 One method per API operation, each taking that operation's documented parameters. Collections
-are walked by following `links.next` exactly as Klaviyo gives it. Every request goes through
-dlt's retrying session (429, 5xx, dropped connections, timeouts) plus one more retry reason:
-a 200 whose body is not complete JSON. The key travels only through an auth object, so no
-log line at any level shows it.
+are walked by following `links.next` exactly as Klaviyo gives it. The key travels only through
+an auth object, so no log line at any level shows it.
+
+Every request goes through a retrying session whose bounds come from dlt's `[runtime]`
+settings (`request_max_attempts`, `request_backoff_factor`, `request_max_retry_delay`,
+`request_timeout`):
+
+- 5xx, dropped connections, timeouts and 200s whose body is not complete JSON are retried with
+  exponential backoff and jitter, at most `request_max_attempts` attempts, each wait at most
+  `request_max_retry_delay`;
+- a 429 waits as long as Klaviyo says (`Retry-After`, up to a minute: resuming earlier only
+  earns another 429), else a shared exponential backoff, for every thread at once (see
+  `rate_limits`). It is not a failure, but one request stops waiting once its 429 pauses add
+  up to more than `(request_max_attempts - 1) * request_max_retry_delay`, the longest dlt's
+  own retry would wait;
+- a base_url that never answered (refused, unknown host, no connect) fails at once: retrying
+  a typo for minutes helps no one;
+- a POST that may have reached Klaviyo is not sent again, so a create never happens twice.
+
+A request that gives up raises one of the typed errors of `errors`, naming the request, what
+went wrong, how often it was tried and what to do.
 """
 
+import logging
+import random
 import re
 import threading
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
+import urllib3.exceptions
 from dlt.common import json
 from dlt.common.configuration import resolve_configuration
 from dlt.common.configuration.specs import RuntimeConfiguration
-from dlt.sources.helpers.requests.retry import DEFAULT_RETRY_EXCEPTIONS, Client
+from dlt.common.time import to_seconds
+from dlt.sources.helpers.requests.session import Session
 from dlt.sources.helpers.rest_client import RESTClient
 from dlt.sources.helpers.rest_client.auth import APIKeyAuth
 from dlt.sources.helpers.rest_client.paginators import JSONLinkPaginator
-from requests import Response
+from requests import ConnectionError, ConnectTimeout, PreparedRequest, Response, Timeout
+from requests.exceptions import ChunkedEncodingError
 
 from . import settings
-from .errors import InvalidResponseBody, KlaviyoConfigError, error_for_response
-from .rate_limits import RateLimitedAdapter, RateLimiter
+from .errors import (
+    InvalidResponseBody,
+    KlaviyoConfigError,
+    KlaviyoConnectionError,
+    KlaviyoRateLimited,
+    KlaviyoServerError,
+    KlaviyoTimeout,
+    KlaviyoUnreachable,
+    error_for_response,
+)
+from .rate_limits import RateLimitedAdapter, RateLimiter, budgets_for
 
 Document = Dict[str, Any]
+Timeouts = Union[float, Tuple[float, float]]
+
+logger = logging.getLogger(__name__)
 
 _REVISION_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}(\.pre)?$")
+# Failures worth asking again for: the next attempt may well work.
+_TRANSIENT = (
+    KlaviyoServerError,
+    InvalidResponseBody,
+    ConnectionError,
+    Timeout,
+    ChunkedEncodingError,
+)
 
 
 def _joined(values: Optional[Sequence[str]]) -> Optional[str]:
@@ -54,8 +98,16 @@ def _check_response(response: Response, *args: Any, **kwargs: Any) -> None:
     try:
         document = json.loadb(response.content)
     except ValueError as parse_error:
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        # A proxy or a wrong base_url answers with a page; a dropped body is cut JSON.
+        what = (
+            f"{content_type} instead of JSON"
+            if content_type and "json" not in content_type
+            else "an incomplete JSON body"
+        )
         raise InvalidResponseBody(
-            f"Klaviyo sent an incomplete JSON body ({len(response.content)} bytes) for "
+            f"Klaviyo sent {what} ({len(response.content)} bytes) for "
+            f"{response.request.method if response.request else 'GET'} "
             f"{urlsplit(response.url).path}",
             response=response,
         ) from parse_error
@@ -74,6 +126,185 @@ def validate_connection_settings(base_url: str, revision: str) -> None:
         raise KlaviyoConfigError(
             f"revision {revision!r} is not of the form YYYY-MM-DD. Set [sources.klaviyo] "
             f"revision to a Klaviyo API revision such as {settings.DEFAULT_REVISION!r}."
+        )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long one request is tried, from dlt's `[runtime]` settings."""
+
+    max_attempts: int = 5
+    backoff_factor: float = 1.0
+    max_delay: float = 300.0
+    timeout: Timeouts = 60.0
+
+    @classmethod
+    def from_runtime(cls, runtime: RuntimeConfiguration) -> "RetryPolicy":
+        timeout = runtime.request_timeout
+        return cls(
+            max_attempts=max(1, int(runtime.request_max_attempts)),
+            backoff_factor=max(0.0, float(runtime.request_backoff_factor)),
+            max_delay=max(0.0, float(to_seconds(runtime.request_max_retry_delay))),
+            timeout=(
+                (float(to_seconds(timeout[0])), float(to_seconds(timeout[1])))
+                if isinstance(timeout, tuple)
+                else float(to_seconds(timeout))
+            ),
+        )
+
+    @property
+    def max_throttled_wait(self) -> float:
+        """Longest one request waits out 429s in total: what dlt's own retry could wait."""
+        return (self.max_attempts - 1) * self.max_delay
+
+    def backoff(self, failures: int) -> float:
+        """Wait before the next attempt after `failures` failed ones: exponential, jittered.
+
+        Half the wait is random so that parallel segment walks that failed together do not
+        all come back in the same instant.
+        """
+        ceiling = min(self.max_delay, self.backoff_factor * 2 ** (failures - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and everything it wraps: `requests` hides urllib3's reason in `args`."""
+    seen: List[BaseException] = []
+    pending: List[BaseException] = [error]
+    while pending:
+        current = pending.pop(0)
+        if any(current is known for known in seen):
+            continue
+        seen.append(current)
+        yield current
+        pending.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        for linked in (getattr(current, "reason", None), current.__cause__, current.__context__):
+            if isinstance(linked, BaseException):
+                pending.append(linked)
+
+
+def _network_reason(error: BaseException) -> str:
+    """A short reason for a network failure, without urllib3's long nested repr.
+
+    Checked from the most to the least specific across the whole chain: urllib3's
+    `NewConnectionError` is also a `ConnectTimeoutError`, and wraps the refusal itself.
+    """
+    causes = list(_causes(error))
+    reasons: List[Tuple[Tuple[type, ...], str]] = [
+        ((urllib3.exceptions.NameResolutionError,), "the host name does not resolve"),
+        ((ConnectionRefusedError,), "connection refused"),
+        ((ConnectionResetError,), "connection reset by the server"),
+        ((urllib3.exceptions.IncompleteRead,), "the connection closed in the middle of the body"),
+        ((urllib3.exceptions.ProxyError,), "the proxy failed"),
+        ((urllib3.exceptions.NewConnectionError,), "no connection could be opened"),
+        (
+            (urllib3.exceptions.ConnectTimeoutError, ConnectTimeout),
+            "no connection within the request timeout",
+        ),
+        ((urllib3.exceptions.ReadTimeoutError, Timeout), "no answer within the request timeout"),
+    ]
+    for kinds, reason in reasons:
+        if any(isinstance(cause, kinds) for cause in causes):
+            return reason
+    innermost = causes[-1]
+    return f"{type(innermost).__name__}: {innermost}"[:200]
+
+
+def _never_connected(error: BaseException) -> bool:
+    """Whether the failure happened before a connection existed (nothing was sent)."""
+    if isinstance(error, ConnectTimeout):
+        return True
+    return any(
+        isinstance(cause, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ProxyError))
+        for cause in _causes(error)
+    )
+
+
+class RetryingSession(Session):
+    """dlt's `Session` (default timeout, User-Agent) with Klaviyo's retry rules.
+
+    One per thread; they share the rate-limited adapter, which paces and pauses every attempt.
+    """
+
+    def __init__(self, policy: RetryPolicy, adapter: RateLimitedAdapter, base_url: str) -> None:
+        super().__init__(timeout=policy.timeout, raise_for_status=False)
+        self.policy = policy
+        self.adapter = adapter
+        self.base_url = base_url
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
+
+    def send(self, request: PreparedRequest, **kwargs: Any) -> Response:  # type: ignore[override]
+        method = request.method or "GET"
+        path = urlsplit(request.url or "").path
+        started = time.monotonic()
+        attempts = failures = 0
+        throttled_wait = 0.0
+        while True:
+            attempts += 1
+            try:
+                return super().send(request, **kwargs)  # type: ignore[no-untyped-call]
+            except KlaviyoRateLimited as error:
+                # No sleep here: the adapter holds the next attempt, like every other
+                # thread's, until the budget's pause ends.
+                wait = self.adapter.limiter.paused_for(budgets_for(method, request.url or ""))
+                throttled_wait += wait
+                if throttled_wait > self.policy.max_throttled_wait:
+                    raise error.after_retries(attempts, time.monotonic() - started) from None
+                logger.info(f"{method} {path}: throttled (429), next attempt in {wait:.1f} s")
+            except _TRANSIENT as error:
+                first_contact = not self.adapter.answered and isinstance(error, ConnectionError)
+                if first_contact and _never_connected(error):
+                    raise self._unreachable(error) from None
+                failures += 1
+                # A POST may have been carried out although its answer was lost.
+                resend = method != "POST" or (
+                    isinstance(error, ConnectionError) and _never_connected(error)
+                )
+                if failures >= self.policy.max_attempts or not resend:
+                    raise self._gave_up(error, method, path, attempts, started) from None
+                wait = self.policy.backoff(failures)
+                logger.info(
+                    f"{method} {path}: {self._short(error)}; attempt {failures + 1} of "
+                    f"{self.policy.max_attempts} in {wait:.1f} s"
+                )
+                time.sleep(wait)
+
+    @staticmethod
+    def _short(error: BaseException) -> str:
+        if isinstance(error, KlaviyoServerError):
+            return f"{error.status} {error.code or error.reason}"
+        if isinstance(error, InvalidResponseBody):
+            return str(error)
+        return _network_reason(error)
+
+    def _unreachable(self, error: BaseException) -> KlaviyoUnreachable:
+        return KlaviyoUnreachable(
+            f"Cannot connect to Klaviyo at {self.base_url}: {_network_reason(error)}. Check "
+            f"[sources.klaviyo] base_url (Klaviyo's is {settings.DEFAULT_BASE_URL}), the "
+            "network and any proxy settings."
+        )
+
+    def _gave_up(
+        self, error: BaseException, method: str, path: str, attempts: int, started: float
+    ) -> BaseException:
+        seconds = time.monotonic() - started
+        tried = f"({attempts} attempts over {seconds:.1f} s)"
+        if isinstance(error, KlaviyoServerError):
+            return error.after_retries(attempts, seconds)
+        if isinstance(error, InvalidResponseBody):
+            return InvalidResponseBody(
+                f"{error} {tried}. Klaviyo kept sending bodies that are not JSON; run again "
+                "later, and check [sources.klaviyo] base_url if it is not Klaviyo's.",
+                response=error.response,
+            )
+        if isinstance(error, Timeout) and not isinstance(error, ConnectTimeout):
+            return KlaviyoTimeout(
+                f"Klaviyo did not answer {method} {path} within {self.policy.timeout} s "
+                f"{tried}. Run again later, or raise [runtime] request_timeout."
+            )
+        return KlaviyoConnectionError(
+            f"Klaviyo failed {method} {path}: {_network_reason(error)} {tried}. Run again later."
         )
 
 
@@ -101,15 +332,15 @@ class KlaviyoClient:
             name="Authorization", api_key=f"Klaviyo-API-Key {api_key.strip()}", location="header"
         )
         self._runtime = runtime or resolve_configuration(RuntimeConfiguration())
-        self._http = Client(
-            request_timeout=self._runtime.request_timeout,
-            raise_for_status=False,
-            exceptions=(*DEFAULT_RETRY_EXCEPTIONS, InvalidResponseBody),
-            request_max_attempts=self._runtime.request_max_attempts,
-            request_backoff_factor=self._runtime.request_backoff_factor,
-            request_max_retry_delay=self._runtime.request_max_retry_delay,
+        self.retry_policy = RetryPolicy.from_runtime(self._runtime)
+        # One adapter for all threads: it holds the shared budgets and the connection pool
+        # (sized for the extract workers, which would otherwise discard connections).
+        self._adapter = RateLimitedAdapter(
+            rate_limiter,
+            backoff_factor=self.retry_policy.backoff_factor,
+            max_delay=self.retry_policy.max_delay,
+            pool_maxsize=50,
         )
-        self._adapter = RateLimitedAdapter(rate_limiter)
         self._local = threading.local()
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -118,9 +349,7 @@ class KlaviyoClient:
         """This thread's REST client: `requests` sessions must not be shared across threads."""
         rest: Optional[RESTClient] = getattr(self._local, "rest", None)
         if rest is None:
-            session = self._http.session
-            session.mount("http://", self._adapter)
-            session.mount("https://", self._adapter)
+            session = RetryingSession(self.retry_policy, self._adapter, self.base_url)
             rest = RESTClient(
                 base_url=f"{self.base_url}/api",
                 headers={"revision": self.revision, "Accept": settings.MEDIA_TYPE},

@@ -3,12 +3,16 @@
 Every error raised to a user names the cause and the fix in one line. None of them carries
 the API key: messages are built from the response status, Klaviyo's error body and the
 request path only, never from request headers.
+
+Errors of the network and of Klaviyo's responses also derive from the matching `requests`
+exception (`ConnectionError`, `Timeout`, `HTTPError`), so code that handles a failing
+request the `requests` way (the source's per-segment isolation does) handles them too.
 """
 
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, List, Optional, Type
 from urllib.parse import urlsplit
 
-from requests import HTTPError, Response
+from requests import ConnectionError, HTTPError, Response, Timeout
 from requests.exceptions import RequestException
 
 
@@ -20,12 +24,23 @@ class KlaviyoConfigError(KlaviyoError, ValueError):
     """The source was configured with a value it cannot use."""
 
 
-class InvalidResponseBody(RequestException):
+class InvalidResponseBody(KlaviyoError, RequestException):
     """A successful status arrived with a body that is not complete JSON (cut or garbled).
 
-    It derives from `RequestException` so that the retrying HTTP session treats it like a
-    dropped connection and asks again.
+    It derives from `RequestException` so that it is retried like a dropped connection.
     """
+
+
+class KlaviyoConnectionError(KlaviyoError, ConnectionError):
+    """Klaviyo kept dropping or refusing connections after every retry."""
+
+
+class KlaviyoUnreachable(KlaviyoConnectionError):
+    """The base_url never answered at all: a wrong host or port, DNS or a proxy. Not retried."""
+
+
+class KlaviyoTimeout(KlaviyoError, Timeout):
+    """Klaviyo did not answer within `request_timeout`, every time it was asked."""
 
 
 class KlaviyoAPIError(KlaviyoError, HTTPError):
@@ -38,15 +53,38 @@ class KlaviyoAPIError(KlaviyoError, HTTPError):
         self.status: int = response.status_code
         self.code: str = str(first.get("code") or "")
         self.detail: str = str(first.get("detail") or first.get("title") or response.reason or "")
-        source = first.get("source") or {}
-        self.parameter: Optional[str] = source.get("parameter") if isinstance(source, dict) else None
-        self.path: str = urlsplit(response.url or "").path
-        method = response.request.method if response.request is not None else "GET"
-        message = (
-            f"Klaviyo answered {self.status} {self.code or response.reason} to {method} "
-            f"{self.path}: {self.detail}. {self.hint}"
+        source = first.get("source")
+        self.parameter: Optional[str] = (
+            source.get("parameter") if isinstance(source, dict) else None
         )
-        super().__init__(message, response=response)
+        self.path: str = urlsplit(response.url or "").path
+        self.reason: str = str(response.reason or "")
+        self.method: str = (
+            response.request.method or "GET" if response.request is not None else "GET"
+        )
+        self.retries = ""  # what the retrying session tried before giving up, if anything
+        super().__init__(self.message, response=response)
+
+    @property
+    def message(self) -> str:
+        detail = self.detail.strip().rstrip(".")
+        said = f": {detail}." if detail else "."
+        return (
+            f"Klaviyo answered {self.status} {self.code or self.reason} to "
+            f"{self.method} {self.path}{said}{self.retries} {self.describe_fix()}"
+        )
+
+    def describe_fix(self) -> str:
+        return self.hint
+
+    def after_retries(self, attempts: int, seconds: float) -> "KlaviyoAPIError":
+        """This error, noting the attempts made before giving up on it."""
+        self.retries = f" ({attempts} attempts over {seconds:.1f} s)"
+        self.args = (self.message,)
+        return self
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class KlaviyoBadRequest(KlaviyoAPIError):
@@ -60,11 +98,44 @@ class KlaviyoAuthenticationError(KlaviyoAPIError):
     )
 
 
+def scopes_for(method: str, path: str) -> List[str]:
+    """The scopes Klaviyo requires for a request (klaviyo-api.md §4), from its path."""
+    parts = [part for part in path.split("/") if part]
+    if "api" in parts:
+        parts = parts[len(parts) - parts[::-1].index("api") :]
+    if not parts:
+        return []
+    if parts[0] == "tags":
+        return ["segments:read", "tags:read"] if len(parts) > 2 else ["tags:read"]
+    if parts[0] != "segments":
+        return []
+    if method in ("POST", "PATCH", "DELETE"):
+        return ["segments:write"]
+    tail = parts[2:]
+    if tail and tail[-1] == "profiles":
+        return ["segments:read", "profiles:read"]
+    if tail and tail[-1] == "tags":
+        return ["segments:read", "tags:read"]
+    return ["segments:read"]
+
+
 class KlaviyoPermissionError(KlaviyoAPIError):
     hint = (
         "Give the private key the scope it names (Klaviyo > Settings > API keys), or use a key "
         "that has segments:read, profiles:read and tags:read."
     )
+
+    def describe_fix(self) -> str:
+        # Klaviyo's 403 body is undocumented (a CDN may answer with HTML): name the scopes
+        # from the endpoint, so the line says what to add whatever the body held.
+        needed = scopes_for(self.method, self.path)
+        if not needed:
+            return self.hint
+        return (
+            f"This request needs {' and '.join(needed)}: give the private key the missing scope "
+            "(Klaviyo > Settings > API keys), or use a key with segments:read, profiles:read "
+            "and tags:read."
+        )
 
 
 class KlaviyoNotFound(KlaviyoAPIError):

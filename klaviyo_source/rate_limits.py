@@ -10,7 +10,7 @@ got it, for `RateLimit-Reset` / `Retry-After` seconds, or with a shared exponent
 a 429 says nothing.
 
 The windows are sliding (pyrate-limiter's log buckets), which is stricter than Klaviyo's fixed
-windows: no fixed window can then hold more requests than the limit.
+windows: no fixed window can then hold more requests than the limit (`BUFFER_MS` covers latency).
 """
 
 import math
@@ -33,6 +33,15 @@ _THROTTLED_IN = re.compile(r"available in (\d+) second")
 WRITE_TIER = "WRITE"
 WRITES_PER_DAY = 100
 _DAY_SECONDS = 86400.0
+# Longest pause a `Retry-After` or `RateLimit-Reset` can credibly ask for: the steady window.
+# Resuming earlier than Klaviyo says only collects another 429, so these are not cut to
+# `request_max_retry_delay`; a larger value is not believed.
+MAX_STATED_WAIT = 60.0
+# Added to every wait for room: requests sent a window apart can still arrive closer together
+# (latency varies), and Klaviyo's windows are fixed, so without a margin the (n+1)th request
+# could land in the first one's window. Real milliseconds, at most a quarter of the shortest
+# window, so that a simulator's shortened windows are not stretched out of proportion.
+BUFFER_MS = 30
 
 
 @dataclass(frozen=True)
@@ -87,12 +96,16 @@ def budgets_for(method: str, url: str) -> List[Budget]:
     return budgets
 
 
-def tier_windows(tier: str) -> List[Tuple[int, float]]:
+def tier_windows(
+    tier: str, revision: str = settings.DEFAULT_REVISION
+) -> List[Tuple[int, float]]:
     """(requests, seconds) windows of a published tier, before this run's share and scale."""
     if tier == WRITE_TIER:
         per_second, per_minute = settings.RATE_TIERS["XS"]
         return [(per_second, 1.0), (per_minute, 60.0), (WRITES_PER_DAY, _DAY_SECONDS)]
     per_second, per_minute = settings.RATE_TIERS[tier]
+    if tier == "L" and revision[:10] < settings.L_TIER_STEADY_RAISED_IN:
+        per_minute = settings.L_TIER_STEADY_BEFORE
     return [(per_second, 1.0), (per_minute, 60.0)]
 
 
@@ -119,7 +132,7 @@ class RateStats:
     requests: int = 0
     throttled: int = 0  # 429s received
     throttled_without_wait: int = 0  # 429s with neither Retry-After nor "available in N s"
-    exhausted: int = 0  # responses that said RateLimit-Remaining: 0
+    exhausted: int = 0  # responses whose RateLimit-Remaining left no room: budget paused
     waited_seconds: float = 0.0  # time requests spent waiting for room or for a pause
 
 
@@ -129,9 +142,16 @@ class RateLimiter:
     `share` is the fraction of each published limit this run may use (other integrations
     spend the rest); `time_scale` shortens the windows for simulators that run time faster.
     `pace=False` keeps only the pauses Klaviyo asks for (a client without a configured budget).
+    `revision` picks the published limits that revision documents.
     """
 
-    def __init__(self, share: float = 1.0, time_scale: float = 1.0, pace: bool = True) -> None:
+    def __init__(
+        self,
+        share: float = 1.0,
+        time_scale: float = 1.0,
+        pace: bool = True,
+        revision: str = settings.DEFAULT_REVISION,
+    ) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"rate_limit_share must be in (0, 1], got {share}")
         if time_scale <= 0:
@@ -139,10 +159,12 @@ class RateLimiter:
         self.share = share
         self.time_scale = time_scale
         self.pace = pace
+        self.revision = revision
         self.stats = RateStats()
         self._limiters: Dict[str, Limiter] = {}
         self._paused_until: Dict[str, float] = {}
         self._backoff_streak: Dict[str, int] = {}
+        self._in_flight: Dict[str, int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -160,27 +182,20 @@ class RateLimiter:
         one request per 2 s, not one per second).
         """
         rates = []
-        for limit, seconds in tier_windows(tier):
+        for limit, seconds in tier_windows(tier, self.revision):
             allowed = limit * self.share
             count = math.floor(allowed) if allowed >= 1 else 1
             window = seconds if allowed >= 1 else seconds / allowed
             rates.append(Rate(count, max(1, round(window * 1000 / self.time_scale))))
         return _ordered(rates)
 
-    def limits(self, tier: str) -> Tuple[int, int]:
-        """(per second, per minute) allowed for a tier at this run's share of the quota."""
-        per_second, per_minute = settings.RATE_TIERS[tier]
-        return max(1, math.floor(per_second * self.share)), max(
-            1, math.floor(per_minute * self.share)
-        )
-
     def _limiter(self, budget: Budget) -> Limiter:
         with self._lock:
             limiter = self._limiters.get(budget.name)
             if limiter is None:
-                # A small buffer: a request admitted exactly at a window's edge may still reach
-                # Klaviyo inside the old fixed window.
-                limiter = Limiter(self.rates(budget.tier), buffer_ms=5)
+                rates = self.rates(budget.tier)
+                buffer_ms = max(1, min(BUFFER_MS, rates[0].interval // 4))
+                limiter = Limiter(rates, buffer_ms=buffer_ms)
                 self._limiters[budget.name] = limiter
             return limiter
 
@@ -213,31 +228,46 @@ class RateLimiter:
             for budget in budgets:
                 self._paused_until[budget.name] = max(self._paused_until.get(budget.name, 0), until)
 
-    def on_response(self, budgets: List[Budget], response: Response, max_delay: float) -> None:
+    def request_started(self, budgets: List[Budget]) -> None:
+        """Count a request of these budgets as on its way (see `on_response`)."""
+        with self._lock:
+            for budget in budgets[:1]:
+                self._in_flight[budget.name] = self._in_flight.get(budget.name, 0) + 1
+
+    def request_finished(self, budgets: List[Budget]) -> None:
+        with self._lock:
+            for budget in budgets[:1]:
+                self._in_flight[budget.name] = max(0, self._in_flight.get(budget.name, 0) - 1)
+
+    def on_response(self, budgets: List[Budget], response: Response) -> None:
         """Follow Klaviyo's `RateLimit-*` headers on a response that was not a 429.
 
-        `RateLimit-Remaining: 0` means the endpoint's steady window is spent, by this run or
-        another integration: pause it until `RateLimit-Reset` rather than collect a 429.
+        When `RateLimit-Remaining` leaves no room for the requests of the endpoint already on
+        their way, its steady window is spent (by this run, by another integration, or because
+        Klaviyo's limit is lower than the published one): pause it until `RateLimit-Reset`
+        rather than collect 429s.
         """
         if not budgets:
             return
         with self._lock:
             self._backoff_streak.pop(budgets[0].name, None)
+            in_flight = self._in_flight.get(budgets[0].name, 0)
         remaining = _header_number(response, "RateLimit-Remaining")
         reset = _header_number(response, "RateLimit-Reset")
-        if remaining is not None and remaining <= 0 and reset is not None and reset > 0:
+        if remaining is not None and remaining <= in_flight and reset is not None and reset > 0:
             with self._lock:
                 self.stats.exhausted += 1
-            self.pause(budgets[:1], min(reset, max_delay))
+            self.pause(budgets[:1], min(reset, MAX_STATED_WAIT))
 
     def on_throttled(
         self, budgets: List[Budget], response: Response, backoff_factor: float, max_delay: float
     ) -> float:
         """Pause the budgets after a 429 and return the pause: Klaviyo's wait, else a backoff.
 
-        Without a stated wait, the pause doubles with each throttled wave on the budget
-        (`backoff_factor * 2**n`, at most `max_delay`); 429s of requests already in flight
-        when the budget was paused belong to the same wave and do not double it again.
+        A stated wait is kept to (up to `MAX_STATED_WAIT`). Without one, the pause doubles with
+        each throttled wave on the budget (`backoff_factor * 2**n`, at most `max_delay`); 429s
+        of requests already in flight when the budget was paused belong to the same wave and do
+        not double it again.
         """
         stated = retry_after_seconds(response)
         with self._lock:
@@ -245,7 +275,7 @@ class RateLimiter:
             if stated is None:
                 self.stats.throttled_without_wait += 1
         if stated is not None:
-            wait = min(stated, max_delay)
+            wait = min(stated, MAX_STATED_WAIT)
         else:
             key = budgets[0].name if budgets else ""
             with self._lock:
@@ -298,10 +328,14 @@ class RateLimitedAdapter(HTTPAdapter):
     def send(self, request: PreparedRequest, *args: Any, **kwargs: Any) -> Response:
         budgets = budgets_for(request.method or "GET", request.url or "")
         self.limiter.acquire(budgets)
-        response = super().send(request, *args, **kwargs)
+        self.limiter.request_started(budgets)
+        try:
+            response = super().send(request, *args, **kwargs)
+        finally:
+            self.limiter.request_finished(budgets)
         self.answered = True
         if response.status_code == 429:
             self.limiter.on_throttled(budgets, response, self.backoff_factor, self.max_delay)
         else:
-            self.limiter.on_response(budgets, response, self.max_delay)
+            self.limiter.on_response(budgets, response)
         return response

@@ -59,7 +59,10 @@ DEFAULT_RECONCILE: Final = "counts"
 # this often.
 DEFAULT_FULL_RECONCILE_EVERY: Final = timedelta(hours=24)
 
-# Klaviyo's published rate tiers: (requests per second, requests per minute).
+# Klaviyo's published rate tiers: (requests per second, requests per minute). The L tier's
+# steady limit was 700 a minute in the specs before revision 2026-01-15.
+L_TIER_STEADY_RAISED_IN: Final = "2026-01-15"
+L_TIER_STEADY_BEFORE: Final = 700
 RATE_TIERS: Final[Dict[str, Tuple[int, int]]] = {
     "XS": (1, 15),
     "S": (3, 60),

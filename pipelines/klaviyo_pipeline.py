@@ -168,11 +168,11 @@ _AFTER_STEP = {
     ),
     "normalize": (
         "The extracted data is kept in a pending load package; the next run loads it before "
-        "extracting anything new."
+        "extracting anything new (or, if nothing was ever loaded, extracts again)."
     ),
     "load": (
         "The extracted data is kept in a pending load package; the next run loads it before "
-        "extracting anything new."
+        "extracting anything new (or, if nothing was ever loaded, extracts again)."
     ),
 }
 
