@@ -138,6 +138,9 @@ def run_and_report(pipeline: dlt.Pipeline, source: Any, args: argparse.Namespace
     """Load, refresh the SQL views, print a summary; raise naming any segment that failed."""
     # jsonl loads into DuckDB about 7x faster than its default insert_values.
     file_format = args.loader_file_format or ("jsonl" if args.destination == "duckdb" else None)
+    if pipeline.has_pending_data:
+        # dlt's run() then only finishes those packages; new changes wait for the next run.
+        print("Finishing the load an interrupted run left; run again to fetch new changes.")
     load_info = pipeline.run(
         source,
         refresh="drop_sources" if args.full_refresh else None,  # type: ignore[arg-type]
