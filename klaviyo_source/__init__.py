@@ -25,6 +25,7 @@ from .rows import (
     SEGMENT_TAG_COLUMNS,
     TAG_COLUMNS,
     Row,
+    declare_walk_tables,
     deleted_segment_row,
     segment_row,
     segment_tag_ids,
@@ -122,7 +123,7 @@ def klaviyo(
         for document in client.get_tags():
             yield [tag_row(resource) for resource in document.get("data") or []]
 
-    # Hints are set per page (rows.as_memberships / as_profiles): this resource fills two tables.
+    # Fills three tables, declared by rows.declare_walk_tables.
     @dlt.transformer(data_from=segment_listing, write_disposition="merge", parallelized=True)
     def segment_memberships(listed: ListedSegment) -> Iterator[object]:
         yield from sync_listed_segment(
@@ -135,4 +136,4 @@ def klaviyo(
             profiles_seen,
         )
 
-    return segments, tags, segment_tags, segment_memberships
+    return segments, tags, segment_tags, declare_walk_tables(segment_memberships)

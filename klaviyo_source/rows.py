@@ -7,12 +7,12 @@ and `predictive_analytics` flatten into `location__city`-style columns.
 """
 
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import dlt
 from dlt.common import json
 from dlt.common.schema.typing import TTableSchemaColumns
-from dlt.extract.hints import TResourceHints
+from dlt.extract import DltResource
 
 from . import settings
 
@@ -152,49 +152,44 @@ PROFILE_COLUMNS: TTableSchemaColumns = {
 }
 
 
-def membership_hints() -> TResourceHints:
-    """Hints of the `segment_memberships` table, kept apart from the profiles' own."""
-    return dlt.mark.make_hints(
-        table_name=settings.MEMBERSHIPS_TABLE,
-        write_disposition="merge",
-        primary_key="membership_id",
-        columns=MEMBERSHIP_COLUMNS,
-    )
+# The membership walk writes three tables. Each is declared once as a table variant of the
+# walking resource (`declare_walk_tables`) and each page is routed by table name only: per-page
+# hints would make dlt re-validate the table schema for every page, which cost more CPU than
+# everything else in an export.
+_WALK_TABLES: Dict[str, Tuple[str, TTableSchemaColumns]] = {
+    settings.MEMBERSHIPS_TABLE: ("membership_id", MEMBERSHIP_COLUMNS),
+    settings.PERIODS_TABLE: ("period_id", PERIOD_COLUMNS),
+    settings.PROFILES_TABLE: ("id", PROFILE_COLUMNS),
+}
 
 
-def period_hints() -> TResourceHints:
-    return dlt.mark.make_hints(
-        table_name=settings.PERIODS_TABLE,
-        write_disposition="merge",
-        primary_key="period_id",
-        columns=PERIOD_COLUMNS,
-    )
+def declare_walk_tables(resource: DltResource) -> DltResource:
+    """Give the walking resource its three tables, each with its own key and columns.
 
-
-def profile_hints() -> TResourceHints:
-    """Hints that route profile rows, emitted by the membership walk, to their own table."""
-    return dlt.mark.make_hints(
-        table_name=settings.PROFILES_TABLE,
-        write_disposition="merge",
-        primary_key="id",
-        columns=PROFILE_COLUMNS,
-    )
+    None of them takes its columns from the resource itself: dlt would give the profiles
+    table the memberships' columns too.
+    """
+    for table_name, (key, columns) in _WALK_TABLES.items():
+        resource.apply_hints(
+            table_name=table_name,
+            write_disposition="merge",
+            primary_key=key,
+            columns=columns,
+            create_table_variant=True,
+        )
+    return resource
 
 
 def as_memberships(rows: List[Row]) -> Any:
-    """Mark a page of membership rows for their table.
-
-    The membership walk writes two tables, so neither may take its columns from the resource
-    itself: dlt would give the profiles table the memberships' columns too.
-    """
-    return dlt.mark.with_hints(rows, membership_hints(), create_table_variant=True)
+    """Route a page of membership rows to `segment_memberships`."""
+    return dlt.mark.with_table_name(rows, settings.MEMBERSHIPS_TABLE)
 
 
 def as_periods(rows: List[Row]) -> Any:
-    """Mark a page of membership-period rows for the history table."""
-    return dlt.mark.with_hints(rows, period_hints(), create_table_variant=True)
+    """Route a page of membership-period rows to the history table."""
+    return dlt.mark.with_table_name(rows, settings.PERIODS_TABLE)
 
 
 def as_profiles(rows: List[Row]) -> Any:
-    """Mark a page of profile rows for the `profiles` table."""
-    return dlt.mark.with_hints(rows, profile_hints(), create_table_variant=True)
+    """Route a page of profile rows to `profiles`."""
+    return dlt.mark.with_table_name(rows, settings.PROFILES_TABLE)
