@@ -1,0 +1,1296 @@
+"""Export benchmark for the issue "Speed at the API's ceiling": one table of figures.
+
+Not a test. Run: ``.venv/bin/python tests/benchmarks/export_benchmark.py [--quick]``
+(``--quick`` is a smoke check with small accounts, under a minute; its figures mean little).
+``--profile`` instead profiles one export with limits off (every thread, in thread CPU time)
+and prints the top functions and where the time goes, grouped by layer.
+
+How it measures:
+
+- The simulator runs in its own process (``multiprocessing`` spawn), so the exporting process
+  and the server are measured apart: client CPU is the export process's ``time.process_time``
+  (all its threads), server CPU the simulator process's ``getrusage`` over the same run.
+  Before a measured run every segment is walked once with the same query, so the simulator
+  serves from its rendered-row cache and costs about what a remote server would cost us: nothing.
+- Every export runs in a fresh process (its peak RSS is that run's) into a real DuckDB file
+  in a temporary directory, through ``pipeline.run(..., loader_file_format=...)``.
+- "Limits off": the simulator enforces no limits and the source's own pacing is scaled so far
+  (``rate_limit_time_scale=1000``) that it never waits; its bookkeeping still runs.
+- "Limits on": the simulator enforces Klaviyo's published limits with ``time_scale=S`` and the
+  source paces with ``rate_limit_time_scale=S``, so one steady window (one real minute) lasts
+  60/S seconds. Sustained rate = successful segment-profile requests in the whole steady
+  windows after the first request, per window, i.e. per real minute.
+
+The machine has few cores and other work may run beside this script: treat every figure as
+provisional, and compare figures of one run with each other rather than across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import marshal
+import multiprocessing as mp
+import os
+import platform
+import pstats
+import resource
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+UNLIMITED_SCALE = 1000.0  # source pacing windows of 60 ms / 1 ms: never the bottleneck
+SEGMENTS = 12
+TAGS = 8
+PROFILES_PER_MEMBERSHIP = 1 / 8  # each profile in ~8 of the 10 non-empty segments
+SEED = 7
+LISTING_PAGE_SIZE = 10  # GET /api/segments serves 10 segments a page
+Func = tuple[str, int, str]  # (file, first line, name), as in a code object
+MB = 1024 * 1024
+
+TARGET_CEILING_SHARE = 0.95
+TARGET_THROTTLED_SHARE = 0.01
+TARGET_REQUESTS_PER_100 = 1.01
+TARGET_MEMBERSHIPS_PER_S = 25_000
+TARGET_PEAK_RSS_MB = 300.0
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes, scales and options of one benchmark run (full or quick)."""
+
+    pacing_memberships: int
+    pacing_time_scale: float
+    pacing_revisions: tuple[str, ...]
+    pacing_include_profiles: bool
+    throughput_sizes: tuple[int, ...]
+    request_count_size: int
+    rss_sizes: tuple[int, ...]
+    formats: tuple[str, ...]
+    pin_walk_format: bool
+    rss_limit_mb: float
+
+    def sizes(self) -> set[int]:
+        """Every account size exported with limits off."""
+        return {*self.throughput_sizes, *self.rss_sizes}
+
+
+def make_plan(args: argparse.Namespace, formats: tuple[str, ...]) -> Plan:
+    """The issue's sizes, or small ones for a smoke check (`--quick`)."""
+    from klaviyo_source.settings import DEFAULT_REVISION
+
+    plan = Plan(
+        pacing_memberships=400_000,
+        pacing_time_scale=args.time_scale,
+        pacing_revisions=(DEFAULT_REVISION, "2026-01-15"),
+        pacing_include_profiles=args.pacing_profiles,
+        throughput_sizes=(100_000, 1_000_000),
+        request_count_size=100_000,
+        rss_sizes=(10_000, 100_000, 1_000_000),
+        formats=formats,
+        pin_walk_format=args.pin_walk_format,
+        rss_limit_mb=args.rss_limit_gb * 1024,
+    )
+    if not args.quick:
+        return plan
+    return replace(
+        plan,
+        pacing_memberships=20_000,
+        pacing_revisions=(DEFAULT_REVISION,),
+        throughput_sizes=(10_000,),
+        request_count_size=10_000,
+        rss_sizes=(10_000,),
+        formats=formats[:1],
+    )
+
+
+def available_formats() -> tuple[str, ...]:
+    """jsonl always; parquet when pyarrow is installed."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return ("jsonl",)
+    return ("jsonl", "parquet")
+
+
+def child_environment() -> None:
+    """Settings every child inherits: no telemetry, quiet logs (set before spawning)."""
+    os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
+    os.environ.setdefault("RUNTIME__LOG_LEVEL", "WARNING")
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds only the results."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- the simulator, in its own process -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountInfo:
+    """What the exporting side needs to know about the served account."""
+
+    base_url: str
+    api_key: str
+    segment_sizes: dict[str, int]
+
+    @property
+    def memberships(self) -> int:
+        return sum(self.segment_sizes.values())
+
+
+def _answer(sim: Any, command: str, args: tuple[Any, ...]) -> Any:
+    """One control command of the simulator process."""
+    if command == "counters":
+        return dict(sim.counters)
+    if command == "profile_log":
+        return [
+            (record.timestamp, record.status)
+            for record in sim.request_log
+            if record.operation == "get_segment_profiles"
+        ]
+    if command == "cpu":
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    if command == "reset":
+        sim.reset_counters()
+        sim.reset_rate_limits()
+        return None
+    if command == "rate_limits":
+        sim.rate_limits_enabled = bool(args[0])
+        return None
+    raise ValueError(f"unknown simulator command {command!r}")
+
+
+def serve_simulator(
+    conn: Connection, memberships: int, rate_limits: bool, time_scale: float
+) -> None:
+    """Child process: generate the account, serve it, answer control commands until stop."""
+    from klaviyo_source.simulator import KlaviyoSimulator, generate_account
+
+    account = generate_account(
+        seed=SEED,
+        segments=SEGMENTS,
+        tags=TAGS,
+        profiles=max(1000, int(memberships * PROFILES_PER_MEMBERSHIP)),
+        memberships=memberships,
+    )
+    sizes = {segment_id: account.profile_count(segment_id) for segment_id in account.segments()}
+    with KlaviyoSimulator(account, rate_limits=rate_limits, time_scale=time_scale) as sim:
+        conn.send(AccountInfo(sim.base_url, sim.api_key, sizes))
+        while True:
+            command, args = conn.recv()
+            if command == "stop":
+                break
+            conn.send(_answer(sim, command, args))
+
+
+class SimulatorProcess:
+    """A simulator serving a generated account from a child process, with a control pipe."""
+
+    def __init__(self, memberships: int, rate_limits: bool = False, time_scale: float = 1.0):
+        self._args = (memberships, rate_limits, time_scale)
+        self._conn: Connection | None = None
+        self._process: Any = None
+        self.info: AccountInfo
+
+    def __enter__(self) -> SimulatorProcess:
+        context = mp.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=serve_simulator, args=(child, *self._args), daemon=True
+        )
+        self._process.start()
+        self.info = self._conn.recv()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            self._conn.send(("stop", ()))
+        if self._process is not None:
+            self._process.join(timeout=30)
+
+    def call(self, command: str, *args: Any) -> Any:
+        assert self._conn is not None
+        self._conn.send((command, args))
+        return self._conn.recv()
+
+    def counters(self) -> dict[str, int]:
+        return self.call("counters")
+
+    def profile_log(self) -> list[tuple[float, int]]:
+        return self.call("profile_log")
+
+    def cpu_seconds(self) -> float:
+        return self.call("cpu")
+
+    def reset(self) -> None:
+        self.call("reset")
+
+    def set_rate_limits(self, enabled: bool) -> None:
+        self.call("rate_limits", enabled)
+
+
+def _next_link(body: bytes) -> str | None:
+    """`links.next` of a page, found without parsing the whole body."""
+    marker = b'"next":"'
+    at = body.rfind(marker)
+    if at < 0:
+        return None
+    start = at + len(marker)
+    return body[start : body.index(b'"', start)].decode()
+
+
+def _walk_segment(info: AccountInfo, segment_id: str, include_profiles: bool) -> None:
+    """Fetch every page of one segment the way the source asks for it."""
+    from klaviyo_source.settings import DEFAULT_REVISION, MEDIA_TYPE
+
+    session = requests.Session()
+    session.trust_env = False
+    session.headers.update(
+        {
+            "Authorization": f"Klaviyo-API-Key {info.api_key}",
+            "revision": DEFAULT_REVISION,
+            "Accept": MEDIA_TYPE,
+        }
+    )
+    params = {"sort": "joined_group_at", "page[size]": "100"}
+    if not include_profiles:
+        params["fields[profile]"] = "joined_group_at"
+    response = session.get(f"{info.base_url}/api/segments/{segment_id}/profiles", params=params)
+    while True:
+        response.raise_for_status()
+        url = _next_link(response.content)
+        if url is None:
+            return
+        response = session.get(url)
+
+
+def warm_simulator(sim: SimulatorProcess, include_profiles: Sequence[bool]) -> None:
+    """Walk every segment once per variant so measured runs are served from the row cache."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [
+            pool.submit(_walk_segment, sim.info, segment_id, variant)
+            for variant in include_profiles
+            for segment_id in sim.info.segment_sizes
+        ]
+        for job in jobs:
+            job.result()
+    log(f"  simulator warmed in {time.perf_counter() - started:.1f} s")
+
+
+# -- one export, in its own process ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """One `pipeline.run` of the klaviyo source against a simulator."""
+
+    base_url: str
+    api_key: str
+    workdir: str
+    include_profiles: bool = True
+    loader_file_format: str = "jsonl"
+    reconcile: str = "off"
+    revision: str | None = None
+    rate_limit_time_scale: float = UNLIMITED_SCALE
+    profile_to: str | None = None
+    extract_workers: int | None = None  # dlt's [extract] workers (default 5)
+    pin_walk_format: bool = False  # give the walk's table variants the loader file format too
+    rss_limit_mb: float = 4096.0  # the parent kills the export above this (shared machine)
+
+
+@dataclass
+class ExportResult:
+    """What one export cost and what it left in the destination."""
+
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    steps: dict[str, float]  # seconds of extract, normalize, load (and run)
+    memberships: int
+    profiles: int
+    rss_by_step: dict[str, float] = field(default_factory=dict)  # peak MB during each step
+    formats: dict[str, str] = field(default_factory=dict)  # loader file format per table
+    error: str | None = None
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+
+
+class RssTimeline:
+    """This process's RSS sampled in a thread, to tell which pipeline step holds the peak."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-timeline", daemon=True)
+
+    def __enter__(self) -> RssTimeline:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), current_rss_mb()))
+            if self._stop.wait(self.interval):
+                return
+
+    def peak_between(self, start: float, end: float) -> float:
+        return max((rss for stamp, rss in self.samples if start <= stamp <= end), default=0.0)
+
+
+class AllThreadsProfile:
+    """cProfile on this thread and on every thread started while it is active.
+
+    cProfile sees only the thread that enabled it, and dlt extracts in a worker pool and loads
+    in threads, so each new thread gets a profiler of its own; `dump` merges them. Times are
+    wall clock per thread: run the profiled export with one extract worker, so threads seldom
+    wait for each other, and read the waiting functions (`WAITING`) as waits, not work.
+    """
+
+    def __init__(self) -> None:
+        self._profiles: list[cProfile.Profile] = []
+        self._lock = threading.Lock()
+
+    def _new_profile(self) -> cProfile.Profile:
+        profile = cProfile.Profile()
+        with self._lock:
+            self._profiles.append(profile)
+        return profile
+
+    def _start_in_thread(self, frame: FrameType, event: str, arg: Any) -> None:
+        sys.setprofile(None)
+        self._new_profile().enable()
+
+    def __enter__(self) -> AllThreadsProfile:
+        threading.setprofile(self._start_in_thread)
+        self._new_profile().enable()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._profiles[0].disable()
+        threading.setprofile(None)  # type: ignore[arg-type]
+
+    def dump(self, path: str) -> None:
+        """Write every thread's statistics, merged, as one pstats file."""
+        merged = pstats.Stats()
+        for index, profile in enumerate(self._profiles):
+            profile.snapshot_stats()  # unlike create_stats, leaves other threads' hooks alone
+            part = f"{path}.{index}"
+            with open(part, "wb") as file:
+                marshal.dump(profile.stats, file)  # type: ignore[attr-defined]
+            merged.add(part)
+            os.unlink(part)
+        merged.dump_stats(path)
+
+
+def _count_rows(pipeline: Any, table: str) -> int:
+    from dlt.destinations.exceptions import DatabaseUndefinedRelation
+
+    with pipeline.sql_client() as client:
+        try:
+            rows = client.execute_sql(
+                f"SELECT count(*) FROM {client.make_qualified_table_name(table)}"
+            )
+        except DatabaseUndefinedRelation:
+            return 0
+    return int(rows[0][0])
+
+
+def _step_spans(pipeline: Any) -> dict[str, tuple[float, float]]:
+    """(start, end) epoch seconds of each step of the last run, from dlt's trace."""
+    return {
+        step.step: (step.started_at.timestamp(), step.finished_at.timestamp())
+        for step in pipeline.last_trace.steps
+        if step.started_at and step.finished_at
+    }
+
+
+def make_pipeline(job: ExportJob) -> Any:
+    """A pipeline in the job's directory, loading into a DuckDB file there."""
+    import dlt
+
+    workdir = Path(job.workdir)
+    return dlt.pipeline(
+        pipeline_name="klaviyo_benchmark",
+        pipelines_dir=str(workdir / "pipelines"),
+        destination=dlt.destinations.duckdb(str(workdir / "export.duckdb")),
+        dataset_name="klaviyo",
+    )
+
+
+def make_source(job: ExportJob) -> Any:
+    """The klaviyo source pointed at the simulator, with the job's options."""
+    from klaviyo_source import klaviyo
+
+    options: dict[str, Any] = {
+        "api_key": job.api_key,
+        "base_url": job.base_url,
+        "include_profiles": job.include_profiles,
+        "reconcile": job.reconcile,
+        "rate_limit_time_scale": job.rate_limit_time_scale,
+    }
+    if job.revision:
+        options["revision"] = job.revision
+    source = klaviyo(**options)
+    if job.pin_walk_format:
+        pin_walk_format(source, job.loader_file_format)
+    return source
+
+
+def pin_walk_format(source: Any, file_format: str) -> None:
+    """Workaround: `pipeline.run(loader_file_format=...)` sets the format of each resource's
+    own table only. Table variants declared before the run (the membership walk's three
+    tables) miss it and load with the destination's default (DuckDB: insert_values)."""
+    from klaviyo_source import settings
+
+    walk = source.resources["segment_memberships"]
+    for table in (settings.MEMBERSHIPS_TABLE, settings.PERIODS_TABLE, settings.PROFILES_TABLE):
+        walk.apply_hints(table_name=table, file_format=file_format, create_table_variant=True)
+
+
+def loaded_formats(load_info: Any) -> dict[str, str]:
+    """The loader file format each table was loaded with, from the load packages."""
+    formats: dict[str, str] = {}
+    for package in load_info.load_packages:
+        for job in package.jobs.get("completed_jobs", []):
+            info = job.job_file_info
+            if info.file_format != "sql":  # merge statements, not data
+                formats[info.table_name] = info.file_format
+    return formats
+
+
+def run_export(job: ExportJob) -> ExportResult:
+    """The export itself (runs in the child process): one `pipeline.run`, measured."""
+    if job.extract_workers is not None:
+        os.environ["EXTRACT__WORKERS"] = str(job.extract_workers)
+    pipeline = make_pipeline(job)
+    source = make_source(job)
+    profiler = AllThreadsProfile() if job.profile_to else nullcontext()
+    with RssTimeline() as rss, profiler:
+        cpu_started, started = time.process_time(), time.perf_counter()
+        load_info = pipeline.run(source, loader_file_format=job.loader_file_format)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    if isinstance(profiler, AllThreadsProfile) and job.profile_to:
+        profiler.dump(job.profile_to)
+    spans = _step_spans(pipeline)
+    return ExportResult(
+        wall_s=wall,
+        cpu_s=cpu,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        steps={name: end - start for name, (start, end) in spans.items()},
+        memberships=_count_rows(pipeline, "segment_memberships"),
+        profiles=_count_rows(pipeline, "profiles") if job.include_profiles else 0,
+        rss_by_step={name: rss.peak_between(*span) for name, span in spans.items()},
+        formats=loaded_formats(load_info),
+    )
+
+
+def export_child(conn: Connection, job: ExportJob) -> None:
+    """Child process entry: run the export, send back its result or its traceback."""
+    try:
+        conn.send(run_export(job))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        conn.send(ExportResult(0, 0, 0, {}, 0, 0, error=traceback.format_exc()))
+
+
+def rss_of(pid: int) -> float:
+    """Resident set size of another process, in MB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def export_in_fresh_process(job: ExportJob) -> ExportResult:
+    """Run one export in a new interpreter, so its CPU and peak RSS are its own.
+
+    An export whose RSS passes `job.rss_limit_mb` is killed (other work shares the machine)
+    and comes back with `error` saying so; any other failure raises.
+    """
+    context = mp.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=export_child, args=(sender, job))
+    started = time.perf_counter()
+    process.start()
+    while not receiver.poll(0.2):
+        rss = rss_of(process.pid or 0)
+        if rss > job.rss_limit_mb:
+            process.kill()
+            process.join()
+            wall = time.perf_counter() - started
+            error = f"killed: RSS passed {job.rss_limit_mb:,.0f} MB after {wall:.0f} s"
+            return ExportResult(wall, 0, rss, {}, 0, 0, error=error)
+        if not process.is_alive() and not receiver.poll(0.2):
+            raise RuntimeError(f"export process ended with {process.exitcode} and no result")
+    result: ExportResult = receiver.recv()
+    process.join()
+    if result.error:
+        raise RuntimeError(f"export failed in the child process:\n{result.error}")
+    return result
+
+
+@dataclass
+class MeasuredExport:
+    """An export plus what the simulator served, saw and spent meanwhile."""
+
+    job: ExportJob
+    result: ExportResult
+    served: int  # memberships the simulator's account has
+    server_cpu_s: float
+    counters: dict[str, int]
+    profile_log: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.result.memberships == self.served
+
+
+def measure_export(sim: SimulatorProcess, job: ExportJob, keep_log: bool = False) -> MeasuredExport:
+    """Reset the simulator's books, run the export, read the books."""
+    sim.reset()
+    server_cpu = sim.cpu_seconds()
+    result = export_in_fresh_process(job)
+    server_cpu = sim.cpu_seconds() - server_cpu
+    counters = sim.counters()
+    profile_log = sim.profile_log() if keep_log else []
+    what = f"  {job.loader_file_format:7s} profiles={job.include_profiles!s:5s} " + (
+        f"reconcile={job.reconcile:6s}: "
+    )
+    if result.error:
+        log(what + result.error)
+    else:
+        log(
+            what + f"{result.memberships:,} memberships in {result.wall_s:.1f} s, client CPU "
+            f"{result.cpu_s:.1f} s, server CPU {server_cpu:.1f} s, RSS "
+            f"{result.peak_rss_mb:.0f} MB, {sum(counters.values())} requests; load average "
+            f"{os.getloadavg()[0]:.1f}"
+        )
+    return MeasuredExport(job, result, sim.info.memberships, server_cpu, counters, profile_log)
+
+
+def new_workdir(root: Path, name: str) -> str:
+    path = root / name
+    path.mkdir(parents=True, exist_ok=False)
+    return str(path)
+
+
+def new_job(plan: Plan, sim: SimulatorProcess, workdir: str, **options: Any) -> ExportJob:
+    """An export of the simulator's account with the plan's options."""
+    return ExportJob(
+        sim.info.base_url,
+        sim.info.api_key,
+        workdir,
+        pin_walk_format=plan.pin_walk_format,
+        rss_limit_mb=plan.rss_limit_mb,
+        **options,
+    )
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the result table."""
+
+    section: str
+    figure: str
+    value: str
+    target: str = ""
+    met: bool | None = None
+
+
+def _mark(met: bool | None) -> str:
+    return "" if met is None else ("yes" if met else "NO")
+
+
+def render_table(rows: Sequence[Row]) -> str:
+    """A plain-text table, one row per figure, sections in order."""
+    header = ("#", "figure", "value", "target", "met")
+    body = [(row.section, row.figure, row.value, row.target, _mark(row.met)) for row in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+
+    rule = "-+-".join("-" * width for width in widths)
+    out = [line(header), rule]
+    previous = None
+    for cells in body:
+        if previous is not None and cells[0] != previous:
+            out.append(rule)
+        out.append(line(cells))
+        previous = cells[0]
+    return "\n".join(out)
+
+
+def machine_facts() -> list[str]:
+    """CPU, cores, load and the versions that matter."""
+    import dlt
+    import duckdb
+
+    model = "unknown"
+    with open("/proc/cpuinfo") as cpuinfo:
+        for text in cpuinfo:
+            if text.startswith("model name"):
+                model = text.split(":", 1)[1].strip()
+                break
+    try:
+        import pyarrow
+
+        arrow = pyarrow.__version__
+    except ImportError:
+        arrow = "not installed"
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return [
+        f"CPU: {model}; {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable); "
+        f"load average at start {load}",
+        f"Python {platform.python_version()}, dlt {dlt.__version__}, duckdb {duckdb.__version__}, "
+        f"pyarrow {arrow}, {platform.platform()}",
+    ]
+
+
+def source_fingerprint() -> str:
+    """Git HEAD, files changed since, and a hash of the source package as it is now.
+
+    Other people may edit the source while this runs; compare the fingerprints at start and
+    end to know whether every figure measured the same code.
+    """
+    import hashlib
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "klaviyo_source").rglob("*.py")):
+        digest.update(path.read_bytes())
+    changed = git("status", "--porcelain", "--", "klaviyo_source", "pipelines").splitlines()
+    changed_names = ", ".join(line.split(maxsplit=1)[1] for line in changed) or "none"
+    return f"HEAD {git('rev-parse', '--short', 'HEAD')}, uncommitted: {changed_names}; " + (
+        f"klaviyo_source sha256 {digest.hexdigest()[:12]}"
+    )
+
+
+def _k(value: int) -> str:
+    return f"{value // 1_000_000}M" if value >= 1_000_000 else f"{value // 1000}k"
+
+
+# -- 1. pacing at the published limits -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """Segment-profile requests of one rate-limited export, per real minute."""
+
+    ok: int
+    throttled: int
+    windows: int
+    per_window: float
+    memberships_per_request: float
+
+
+def pacing_of(profile_log: list[tuple[float, int]], time_scale: float, memberships: int) -> Pacing:
+    """Successful requests per steady window, in steady state.
+
+    The first window after the first request is skipped: it may hold a fresh burst plus the
+    remainder of the simulator's current fixed window. After it, pacing repeats with the
+    window's period, so any whole number of windows holds whole periods.
+    """
+    ok = sorted(stamp for stamp, status in profile_log if status == 200)
+    throttled = sum(1 for _, status in profile_log if status == 429)
+    window = 60.0 / time_scale
+    start = ok[0] + window if ok else 0.0
+    windows = max(0, int((ok[-1] - start) // window)) if ok else 0
+    end = start + windows * window
+    in_windows = sum(1 for stamp in ok if start <= stamp < end)
+    per_window = in_windows / windows if windows else 0.0
+    return Pacing(len(ok), throttled, windows, per_window, memberships / max(1, len(ok)))
+
+
+def pacing_figure_rows(label: str, pacing: Pacing, ceiling: int, busy: float) -> list[Row]:
+    """The rows of one rate-limited export: rate, 429s, memberships/min, exporter CPU."""
+    sent = pacing.ok + pacing.throttled
+    throttled_share = pacing.throttled / max(1, sent)
+    share = pacing.per_window / ceiling
+    rate = Row(
+        "1",
+        f"segment-profile req/min sustained ({label}; {pacing.windows} whole windows "
+        "after the first)",
+        f"{pacing.per_window:,.0f}/min = {share:.1%} of ceiling",
+        f">= {TARGET_CEILING_SHARE:.0%}",
+        share >= TARGET_CEILING_SHARE,
+    )
+    if not pacing.windows:
+        rate = replace(rate, value="n/a: the run was shorter than two steady windows", met=None)
+    return [
+        rate,
+        Row(
+            "1",
+            f"share of 429s ({label})",
+            f"{throttled_share:.2%} ({pacing.throttled} of {sent})",
+            f"<= {TARGET_THROTTLED_SHARE:.0%}",
+            throttled_share <= TARGET_THROTTLED_SHARE,
+        ),
+        Row(
+            "1",
+            f"memberships/min, real minutes ({label})",
+            f"{pacing.per_window * pacing.memberships_per_request:,.0f}"
+            if pacing.windows
+            else "n/a",
+        ),
+        Row(
+            "1",
+            f"exporter CPU during the paced run, share of one core ({label})",
+            f"{busy:.0%}",
+            "well below 100%, else CPU and not pacing sets the rate",
+        ),
+    ]
+
+
+def pacing_rows(plan: Plan, root: Path) -> list[Row]:
+    """Figure 1: sustained rate and 429s with the simulator enforcing the published limits."""
+    from klaviyo_source.simulator.revisions import Revision
+
+    rows: list[Row] = []
+    scale = plan.pacing_time_scale
+    mode = "with profiles" if plan.pacing_include_profiles else "membership-only"
+    log(f"1. pacing: {_k(plan.pacing_memberships)} memberships, limits on, time_scale {scale:g}")
+    with SimulatorProcess(plan.pacing_memberships, rate_limits=True, time_scale=scale) as sim:
+        sim.set_rate_limits(False)
+        warm_simulator(sim, [plan.pacing_include_profiles])
+        sim.set_rate_limits(True)
+        for revision in plan.pacing_revisions:
+            job = new_job(
+                plan,
+                sim,
+                new_workdir(root, f"pacing-{revision}"),
+                include_profiles=plan.pacing_include_profiles,
+                revision=revision,
+                rate_limit_time_scale=scale,
+            )
+            measured = measure_export(sim, job, keep_log=True)
+            if measured.result.error:
+                rows.append(_failed_row("1", f"paced export, revision {revision}", measured, ""))
+                continue
+            ceiling = Revision(revision).large_steady_limit
+            pacing = pacing_of(measured.profile_log, scale, measured.result.memberships)
+            label = f"revision {revision}, ceiling {ceiling}/min, {mode}, x{scale:g}"
+            busy = measured.result.cpu_s / measured.result.wall_s
+            rows += pacing_figure_rows(label, pacing, ceiling, busy)
+    return rows
+
+
+# -- 2. requests per membership, 3. throughput, 4. memory ------------------------------------
+
+
+def _formats_text(formats: dict[str, str]) -> str:
+    """`jsonl` when every table used one format, else each format with its tables."""
+    by_format: dict[str, list[str]] = {}
+    for table, file_format in sorted(formats.items()):
+        if not table.startswith("_dlt"):
+            by_format.setdefault(file_format, []).append(table)
+    if len(by_format) <= 1:
+        return next(iter(by_format), "?")
+    return "; ".join(f"{fmt}: {', '.join(tables)}" for fmt, tables in by_format.items())
+
+
+def _failed_row(section: str, figure: str, run: MeasuredExport, target: str) -> Row:
+    return Row(section, figure, run.result.error or "failed", target, False)
+
+
+def requests_per_100_row(run: MeasuredExport) -> Row:
+    """Figure 2a: every request of a full export, per 100 memberships loaded."""
+    total = sum(run.counters.values())
+    pages = run.counters.get("get_segment_profiles", 0)
+    figure = (
+        f"requests per 100 memberships, full export of {_k(run.served)} "
+        f"({pages} segment-profile pages of {total} requests)"
+    )
+    target = f"<= {TARGET_REQUESTS_PER_100}"
+    if run.result.error:
+        return _failed_row("2", figure, run, target)
+    per_100 = total / run.result.memberships * 100
+    return Row("2", figure, f"{per_100:.4f}", target, per_100 <= TARGET_REQUESTS_PER_100)
+
+
+def no_change_rows(sim: SimulatorProcess, full: MeasuredExport) -> list[Row]:
+    """Figure 2b: requests of two no-change runs on the pipeline of a full export."""
+    segments = len(sim.info.segment_sizes)
+    listing_pages = -(-segments // LISTING_PAGE_SIZE)
+    rows = []
+    for reconcile, extra in (("off", 0), ("counts", segments)):
+        limit = listing_pages + segments + extra
+        extra_text = f" + {extra} profile_count" if extra else ""
+        target = f"<= {limit} ({listing_pages} listing pages + {segments} segments{extra_text})"
+        figure = f"requests, no-change incremental run, reconcile={reconcile}"
+        if full.result.error:
+            rows.append(_failed_row("2", f"{figure}: its full export failed", full, target))
+            continue
+        measured = measure_export(sim, replace(full.job, reconcile=reconcile))
+        made = sum(measured.counters.values())
+        breakdown = ", ".join(
+            f"{name} {count}" for name, count in sorted(measured.counters.items())
+        )
+        rows.append(Row("2", f"{figure} ({breakdown})", str(made), target, made <= limit))
+    return rows
+
+
+def throughput_rows(runs: Sequence[MeasuredExport]) -> list[Row]:
+    """Figure 3: memberships/s into DuckDB and CPU per 100k memberships, limits off."""
+    rows: list[Row] = []
+    target = f">= {TARGET_MEMBERSHIPS_PER_S:,}"
+    for run in runs:
+        result = run.result
+        mode = "with profiles" if run.job.include_profiles else "membership-only"
+        name = f"{_k(run.served)} {mode}, {run.job.loader_file_format}"
+        if result.error:
+            rows.append(_failed_row("3", f"memberships/s end-to-end, {name}", run, target))
+            continue
+        loaded_as = _formats_text(result.formats)
+        if loaded_as != run.job.loader_file_format:
+            name += f" (loaded as {loaded_as})"
+        steps = ", ".join(
+            f"{step} {result.steps[step]:.1f}"
+            for step in ("extract", "normalize", "load")
+            if step in result.steps
+        )
+        rate = result.memberships / result.wall_s
+        client = result.cpu_s / result.memberships * 1e5
+        server = run.server_cpu_s / result.memberships * 1e5
+        rows += [
+            Row(
+                "3",
+                f"memberships/s end-to-end, {name} ({result.wall_s:.1f} s: {steps})",
+                f"{rate:,.0f}",
+                target,
+                rate >= TARGET_MEMBERSHIPS_PER_S,
+            ),
+            Row(
+                "3",
+                f"CPU s per 100k memberships, {name}: exporter / simulator process",
+                f"{client:.1f} / {server:.1f}",
+            ),
+        ]
+    return rows
+
+
+def rss_rows(runs: Sequence[MeasuredExport]) -> list[Row]:
+    """Figure 4: peak RSS of the exporting process by size (profiles, jsonl)."""
+    rows = []
+    target = f"<= {TARGET_PEAK_RSS_MB:.0f} MB, flat"
+    for run in runs:
+        result = run.result
+        figure = f"peak RSS of the exporting process, {_k(run.served)} memberships"
+        if result.error:
+            rows.append(_failed_row("4", figure, run, target))
+            continue
+        steps = " / ".join(
+            f"{step} {result.rss_by_step.get(step, 0):,.0f}"
+            for step in ("extract", "normalize", "load")
+        )
+        figure += (
+            f" (with profiles, {run.job.loader_file_format}, loaded as "
+            f"{_formats_text(result.formats)}; peak MB in {steps})"
+        )
+        rss = result.peak_rss_mb
+        rows.append(Row("4", figure, f"{rss:,.0f} MB", target, rss <= TARGET_PEAK_RSS_MB))
+    measured = [run for run in runs if not run.result.error]
+    if len(measured) > 1:
+        first, last = measured[0], measured[-1]
+        growth = last.result.peak_rss_mb / first.result.peak_rss_mb
+        rows.append(
+            Row(
+                "4",
+                f"peak RSS growth {_k(first.served)} -> {_k(last.served)} memberships",
+                f"x{growth:.2f}",
+                "flat (<= x1.2)",
+                growth <= 1.2,
+            )
+        )
+    return rows
+
+
+def correctness_row(runs: Sequence[MeasuredExport]) -> Row:
+    """Every full export loaded exactly the simulator's memberships (else figures mislead)."""
+    wrong = [
+        f"{run.result.error or f'{run.result.memberships} of {run.served}'}"
+        for run in runs
+        if not run.complete
+    ]
+    return Row(
+        "-",
+        "full exports whose segment_memberships row count equals the simulator's memberships",
+        f"{len(runs) - len(wrong)} of {len(runs)}" + (f" ({'; '.join(wrong)})" if wrong else ""),
+        "all",
+        not wrong,
+    )
+
+
+def default_run(runs: Sequence[MeasuredExport]) -> MeasuredExport:
+    """The with-profiles jsonl run: the pipeline's default configuration."""
+    return next(
+        run for run in runs if run.job.include_profiles and run.job.loader_file_format == "jsonl"
+    )
+
+
+def full_exports(
+    sim: SimulatorProcess,
+    plan: Plan,
+    formats: Sequence[str],
+    modes: Sequence[bool],
+    root: Path,
+) -> list[MeasuredExport]:
+    """One full export per profile mode and file format, each into a fresh pipeline."""
+    runs = []
+    for include_profiles in modes:
+        for file_format in formats:
+            workdir = new_workdir(root, f"{sim.info.memberships}-{file_format}-{include_profiles}")
+            job = new_job(
+                plan,
+                sim,
+                workdir,
+                include_profiles=include_profiles,
+                loader_file_format=file_format,
+            )
+            runs.append(measure_export(sim, job))
+    return runs
+
+
+@dataclass
+class SizeResults:
+    """The full exports of one account size, and the no-change rows if measured there."""
+
+    runs: list[MeasuredExport]
+    no_change: list[Row]
+
+
+def run_size(size: int, plan: Plan, root: Path) -> SizeResults:
+    """Every export this plan makes at one account size, limits off."""
+    measured_throughput = size in plan.throughput_sizes
+    modes = (True, False) if measured_throughput else (True,)
+    formats = plan.formats if measured_throughput else ("jsonl",)
+    with SimulatorProcess(size) as sim:
+        log(f"{_k(size)}: {sim.info.memberships:,} memberships at {sim.info.base_url}, limits off")
+        warm_simulator(sim, modes)
+        runs = full_exports(sim, plan, formats, modes, root)
+        no_change = (
+            no_change_rows(sim, default_run(runs)) if size == plan.request_count_size else []
+        )
+    return SizeResults(runs, no_change)
+
+
+def run_benchmark(plan: Plan, root: Path) -> list[Row]:
+    """All four figures, in the table's order."""
+    pacing = pacing_rows(plan, root)
+    results = {size: run_size(size, plan, root) for size in sorted(plan.sizes())}
+    requests = [requests_per_100_row(default_run(found.runs)) for found in results.values()]
+    no_change = [row for found in results.values() for row in found.no_change]
+    throughput = [run for size in plan.throughput_sizes for run in results[size].runs]
+    rss = [default_run(results[size].runs) for size in plan.rss_sizes]
+    every_run = [run for found in results.values() for run in found.runs]
+    return (
+        pacing
+        + requests
+        + no_change
+        + throughput_rows(throughput)
+        + rss_rows(rss)
+        + [correctness_row(every_run)]
+    )
+
+
+# -- profiling -------------------------------------------------------------------------------
+
+# Layers by file. Code several layers share (stdlib, dlt.common, builtins) is booked to the
+# layers of its callers; JSON loads called by the HTTP client count as "JSON parse".
+CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "waiting (I/O, locks: not CPU)",
+        (
+            "<method 'acquire' of '_thread.",
+            "<method 'recv_into' of '_socket.socket'",
+            "<method 'poll' of 'select.poll'",
+            "<method 'poll' of 'select.epoll'",
+            "<built-in method time.sleep>",
+            "<method 'get' of '_queue.SimpleQueue'",
+        ),
+    ),
+    ("simulator", ("klaviyo_source/simulator/",)),
+    (
+        "HTTP client",
+        (
+            "/requests/",
+            "/urllib3/",
+            "/http/client.py",
+            "/socket.py",
+            "/ssl.py",
+            "/email/",
+            "/pyrate_limiter/",
+            "/tenacity/",
+            "dlt/sources/helpers/",
+            "klaviyo_source/client.py",
+            "klaviyo_source/rate_limits.py",
+            "klaviyo_source/errors.py",
+            "<method 'sendall' of '_socket.socket'",
+        ),
+    ),
+    ("our row shaping", ("klaviyo_source/",)),
+    ("dlt extract", ("dlt/extract/",)),
+    ("normalize", ("dlt/normalize/",)),
+    ("load", ("dlt/load/", "dlt/destinations/", "of 'duckdb.", "duckdb.duckdb")),
+    ("pipeline glue", ("dlt/pipeline/", "concurrent/futures/", "/threading.py")),
+)
+JSON_LOADS = ("dlt/common/json/", ("loadb", "loads", "typed_loadb", "typed_loads"))
+OTHER = "other (interpreter, process start)"
+Shares = dict[str, float]
+
+
+def category_of(func: Func) -> str | None:
+    """The layer of a function by its file or builtin name; None for shared code."""
+    text = f"{func[0]}:{func[2]}"
+    for category, patterns in CATEGORIES:
+        if any(pattern in text for pattern in patterns):
+            return category
+    return None
+
+
+def _is_json_load(func: Func) -> bool:
+    return JSON_LOADS[0] in func[0] and func[2] in JSON_LOADS[1]
+
+
+def _mix_callers(func: Func, callers: dict[Func, tuple[Any, ...]], shares: dict) -> Shares:
+    """The callers' layers, weighted by the time `func` spent for each of them."""
+    mixed: Shares = {}
+    weights = 0.0
+    for caller, edge in callers.items():
+        caller_shares = shares.get(caller)
+        weight = edge[2] or edge[3]  # (calls, primitive calls, self time, cumulative time)
+        if not caller_shares or caller == func or weight <= 0:
+            continue
+        weights += weight
+        for category, share in caller_shares.items():
+            if _is_json_load(func) and category == "HTTP client":
+                category = "JSON parse"
+            mixed[category] = mixed.get(category, 0.0) + share * weight
+    return {category: value / weights for category, value in mixed.items()} if weights else {}
+
+
+def layer_shares(stats: dict[Func, tuple[Any, ...]], rounds: int = 40) -> dict[Func, Shares]:
+    """Which layers each function's self time belongs to.
+
+    A function of a known layer belongs to it; shared code to its callers' layers, in
+    proportion to the time it spent for each. Repeated rounds carry that up call chains and
+    around recursion; what no round resolves (thread roots) is `OTHER`.
+    """
+    shares: dict[Func, Shares] = {}
+    for func in stats:
+        category = category_of(func)
+        if category is not None:
+            shares[func] = {category: 1.0}
+    shared = [func for func in stats if func not in shares]
+    for _ in range(rounds):
+        for func in shared:
+            mixed = _mix_callers(func, stats[func][4], shares)
+            if mixed:
+                shares[func] = mixed
+    for func in shared:
+        shares.setdefault(func, {OTHER: 1.0})
+    return shares
+
+
+def layer_totals(stats: dict[Func, tuple[Any, ...]], shares: dict[Func, Shares]) -> Shares:
+    """Self seconds per layer."""
+    totals: Shares = {}
+    for func, entry in stats.items():
+        for category, share in shares[func].items():
+            totals[category] = totals.get(category, 0.0) + entry[2] * share
+    return totals
+
+
+def _func_label(func: Func) -> str:
+    filename, line, name = func
+    if filename == "~":
+        return name
+    short = filename.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
+    if "/lib/python3" in short:
+        short = "stdlib/" + short.split("/lib/python3.")[-1].split("/", 1)[-1]
+    return f"{short}:{line}({name})"
+
+
+def profile_report(path: str, top: int = 15) -> str:
+    """Top functions by cumulative and self time, and self time grouped by layer."""
+    raw: dict[Func, tuple[Any, ...]] = pstats.Stats(path).stats  # type: ignore[attr-defined]
+    shares = layer_shares(raw)
+    totals = layer_totals(raw, shares)
+    total = sum(totals.values())
+    waiting = totals.get(CATEGORIES[0][0], 0.0)
+    lines = [
+        f"profiled time, all threads: {total:.1f} s, of which {waiting:.1f} s waiting; "
+        "shares below are of the time not waiting"
+    ]
+    busy = total - waiting
+    for title, key in (("cumulative", 3), ("self", 2)):
+        lines.append(f"\ntop {top} by {title} time (s, share, calls, layer):")
+        ranked = sorted(raw.items(), key=lambda item: -item[1][key])
+        ranked = [item for item in ranked if category_of(item[0]) != CATEGORIES[0][0]][:top]
+        for func, entry in ranked:
+            layer = max(shares[func].items(), key=lambda item: item[1])[0]
+            lines.append(
+                f"  {entry[key]:8.1f}  {entry[key] / busy:6.1%}  {entry[1]:>10,}  "
+                f"{layer:16s} {_func_label(func)}"
+            )
+    lines.append("\nself time by layer (shared code booked to its callers' layers):")
+    for category, seconds in sorted(totals.items(), key=lambda item: -item[1]):
+        share = "" if category == CATEGORIES[0][0] else f"{seconds / busy:6.1%}"
+        lines.append(f"  {seconds:8.1f} s  {share:>6s}  {category}")
+    return "\n".join(lines)
+
+
+def run_profile(args: argparse.Namespace, root: Path) -> str:
+    """Profile one full export with limits off and one extract worker; return the report."""
+    stats_path = str(root / "export.pstats")
+    include_profiles = not args.membership_only
+    with SimulatorProcess(args.profile_memberships) as sim:
+        log(f"profiling: {sim.info.memberships:,} memberships")
+        warm_simulator(sim, [include_profiles])
+        job = ExportJob(
+            sim.info.base_url,
+            sim.info.api_key,
+            new_workdir(root, "profile"),
+            include_profiles=include_profiles,
+            loader_file_format=args.profile_format,
+            profile_to=stats_path,
+            extract_workers=1,
+            pin_walk_format=args.pin_walk_format,
+            rss_limit_mb=args.rss_limit_gb * 1024,
+        )
+        result = measure_export(sim, job).result
+    if result.error:
+        return f"profiled export failed: {result.error}"
+    header = (
+        f"profiled export: {result.memberships:,} memberships, profiles={include_profiles}, "
+        f"{args.profile_format} (tables loaded as {_formats_text(result.formats)}); "
+        f"{result.wall_s:.1f} s wall under the profiler, process CPU {result.cpu_s:.1f} s; "
+        "steps " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.steps.items())
+    )
+    return header + "\n" + profile_report(stats_path)
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check")
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=2.0,
+        help="simulator and source clock speed-up for the limits-on figures (2: 1 min = 30 s); "
+        "keep the scaled ceiling (1,250 memberships/s x scale) well below the exporter's "
+        "limits-off throughput, or the figure measures CPU instead of pacing",
+    )
+    parser.add_argument(
+        "--pacing-profiles",
+        action="store_true",
+        help="limits-on figures with profile attributes (default: membership-only, cheaper)",
+    )
+    parser.add_argument(
+        "--formats", default=None, help="loader file formats, comma-separated (jsonl,parquet)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one export instead of the table"
+    )
+    parser.add_argument("--profile-memberships", type=int, default=1_000_000)
+    parser.add_argument("--profile-format", default="jsonl")
+    parser.add_argument("--membership-only", action="store_true", help="profile without profiles")
+    parser.add_argument(
+        "--pin-walk-format",
+        action="store_true",
+        help="workaround: also give the membership walk's table variants the loader file "
+        "format (pipeline.run's loader_file_format reaches only each resource's own table)",
+    )
+    parser.add_argument(
+        "--rss-limit-gb",
+        type=float,
+        default=4.0,
+        help="kill an export whose RSS passes this (protects a shared machine)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return parser.parse_args(argv)
+
+
+@contextmanager
+def work_directory(keep: bool) -> Iterator[Path]:
+    """A temporary directory for pipelines and DuckDB files, removed unless kept."""
+    if keep:
+        path = Path(tempfile.mkdtemp(prefix="klaviyo-export-benchmark-"))
+        log(f"keeping {path}")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="klaviyo-export-benchmark-") as name:
+        yield Path(name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    child_environment()
+    formats = tuple(args.formats.split(",")) if args.formats else available_formats()
+    facts = machine_facts()
+    facts.append(f"code at start: {source_fingerprint()}")
+    started = time.perf_counter()
+    with work_directory(args.keep) as root:
+        if args.profile:
+            report = run_profile(args, root)
+            facts.append(f"code at end:   {source_fingerprint()}")
+            print("\n".join(facts))
+            print(report)
+            return 0
+        plan = make_plan(args, formats)
+        rows = run_benchmark(plan, root)
+    elapsed = time.perf_counter() - started
+    facts.append(f"code at end:   {source_fingerprint()}")
+    print("\n".join(facts))
+    print(
+        f"{'quick smoke check' if args.quick else 'full run'} in {elapsed / 60:.1f} min; "
+        f"load average at end {', '.join(f'{v:.2f}' for v in os.getloadavg())}. "
+        "Figures are provisional (shared 2-core machine)."
+    )
+    print(render_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
