@@ -11,9 +11,8 @@ DEFAULT_BASE_URL: Final = "https://a.klaviyo.com"
 DEFAULT_REVISION: Final = "2025-04-15"
 MEDIA_TYPE: Final = "application/vnd.api+json"
 
-# Largest page Klaviyo serves per endpoint (revision 2024-10-15 and later).
+# Largest page of the segment-profile endpoints (relationships too, from revision 2024-10-15).
 SEGMENT_PROFILES_PAGE_SIZE: Final = 100
-TAGS_PAGE_SIZE: Final = 50
 
 # A late-visible join (one whose joined_group_at is older than the newest join already
 # seen) is caught when it lies within this window behind a segment's cursor. One hour covers
@@ -21,23 +20,6 @@ TAGS_PAGE_SIZE: Final = 50
 # run at one request per segment; anything older is caught by reconciliation.
 DEFAULT_LOOKBACK: Final = timedelta(hours=1)
 
-# Attributes of a profile as the segment-profiles endpoint returns them (revision 2025-04-15).
-PROFILE_ATTRIBUTES: Final[Tuple[str, ...]] = (
-    "email",
-    "phone_number",
-    "external_id",
-    "first_name",
-    "last_name",
-    "organization",
-    "locale",
-    "title",
-    "image",
-    "created",
-    "updated",
-    "last_event_date",
-    "location",
-    "properties",
-)
 SEGMENT_ATTRIBUTES: Final[Tuple[str, ...]] = (
     "name",
     "definition",
