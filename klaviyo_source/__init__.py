@@ -92,6 +92,8 @@ def klaviyo(
         # Failures are per run: a segment that failed last time and works now is no failure.
         dlt.current.source_state()[settings.FAILURES_STATE_KEY] = {}
         profiles_seen.clear()
+        # The run has set its file format by now, on the source's copy of the resource.
+        declare_walk_tables(dlt.current.source().resources["segment_memberships"])
         yield from list_segments(
             client, selection, segment_ids or [], HeldData.of_current_pipeline(), run_started
         )

@@ -167,14 +167,18 @@ def declare_walk_tables(resource: DltResource) -> DltResource:
     """Give the walking resource its three tables, each with its own key and columns.
 
     None of them takes its columns from the resource itself: dlt would give the profiles
-    table the memberships' columns too.
+    table the memberships' columns too. A loader file format chosen for the run
+    (`pipeline.run(loader_file_format=...)`) reaches only the resource's own hints, so each
+    run passes it on to the three tables before the first page.
     """
+    file_format = resource.compute_table_schema().get("file_format")
     for table_name, (key, columns) in _WALK_TABLES.items():
         resource.apply_hints(
             table_name=table_name,
             write_disposition="merge",
             primary_key=key,
             columns=columns,
+            file_format=file_format,
             create_table_variant=True,
         )
     return resource

@@ -6,8 +6,9 @@ Prints the base URL and the API key, then serves until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-import time
+import threading
 
 from .generator import generate_account
 from .server import KlaviyoSimulator
@@ -15,7 +16,11 @@ from .spec_tables import ALL_SCOPES
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, generate an account and serve it."""
+    """Parse arguments, generate an account and serve it until SIGINT or SIGTERM."""
+    stopped = threading.Event()
+    # Handlers first: a stop that arrives while the account is generated still ends cleanly.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda *_: stopped.set())
     parser = argparse.ArgumentParser(prog="python -m klaviyo_source.simulator", description=__doc__)
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     parser.add_argument("--seed", type=int, default=7)
@@ -46,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     with sim:
         print(f"base_url={sim.base_url}", flush=True)
         print(f"api_key={sim.api_key}", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        stopped.wait()
     return 0
 
 
