@@ -70,6 +70,11 @@ class HeldData:
             return cls(None)
         return cls(pipeline)
 
+    @property
+    def available(self) -> bool:
+        """Whether a destination can be read at all (False outside a pipeline)."""
+        return self._client is not None
+
     def _known_columns(self, table: str) -> List[str]:
         """Columns the pipeline's schema has for a table; empty before its first load."""
         if self._pipeline is None or not self._pipeline.default_schema_name:

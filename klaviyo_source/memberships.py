@@ -365,11 +365,17 @@ def sync_listed_segment(
         cursors.pop(listed.id, None)
         reconciled.pop(listed.id, None)
         return
+    cursor = _stored_time(cursors, listed.id)
+    if cursor is not None and listed.held_count == 0 and listed.held.available:
+        # The destination lost what the cursor covers (a new database file, a dropped table):
+        # a cursor must never stand past data that is not loaded.
+        logger.info(f"segment {listed.id}: nothing held any more, reading it from the start")
+        cursor = None
     sync = SegmentSync(
         client=client,
         segment_id=listed.id,
         is_processing=listed.is_processing,
-        cursor=_stored_time(cursors, listed.id),
+        cursor=cursor,
         reconciled_at=_stored_time(reconciled, listed.id),
         held=listed.held,
         held_count=listed.held_count,

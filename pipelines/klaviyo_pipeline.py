@@ -119,7 +119,7 @@ def source_options(args: argparse.Namespace) -> Dict[str, Any]:
 def destination_for(args: argparse.Namespace) -> Any:
     """The demo writes its own DuckDB file, so it never mixes into a real account's tables."""
     if args.demo and args.destination == "duckdb" and not os.environ.get(DUCKDB_CREDENTIALS):
-        return dlt.destinations.duckdb(DEMO_DATABASE)
+        return dlt.destinations.duckdb(str(Path.cwd() / DEMO_DATABASE))
     return args.destination
 
 
