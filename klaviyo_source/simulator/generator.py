@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any, overload
 
-from .account import Account, make_segment_id, make_ulid
+from .account import PREDICTIVE_FIELDS, Account, make_segment_id, make_ulid
 
 _FIRST_LAST: list[tuple[str | None, str | None]] = [
     ("Sarah", "Mason"),
@@ -416,21 +416,7 @@ def _subscriptions(rng: random.Random, created: datetime, anchor: datetime) -> d
 
 def _predictive(rng: random.Random, anchor: datetime) -> dict[str, Any]:
     if rng.random() < 0.4:
-        return {
-            name: None
-            for name in (
-                "historic_clv",
-                "predicted_clv",
-                "total_clv",
-                "historic_number_of_orders",
-                "predicted_number_of_orders",
-                "average_days_between_orders",
-                "average_order_value",
-                "churn_probability",
-                "expected_date_of_next_order",
-                "ranked_channel_affinity",
-            )
-        }
+        return dict.fromkeys(PREDICTIVE_FIELDS)
     historic = round(rng.uniform(0, 800), 2)
     predicted = round(rng.uniform(0, 300), 2)
     orders = rng.randint(1, 20)
