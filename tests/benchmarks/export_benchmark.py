@@ -2,8 +2,8 @@
 
 Not a test. Run: ``.venv/bin/python tests/benchmarks/export_benchmark.py [--quick]``
 (``--quick`` is a smoke check with small accounts, under a minute; its figures mean little).
-``--profile`` instead profiles one export with limits off (every thread, in thread CPU time)
-and prints the top functions and where the time goes, grouped by layer.
+The full run takes about 20 minutes. ``--profile`` instead profiles one export with limits
+off and prints the top functions and where the time goes, grouped by layer.
 
 How it measures:
 
@@ -12,14 +12,24 @@ How it measures:
   (all its threads), server CPU the simulator process's ``getrusage`` over the same run.
   Before a measured run every segment is walked once with the same query, so the simulator
   serves from its rendered-row cache and costs about what a remote server would cost us: nothing.
-- Every export runs in a fresh process (its peak RSS is that run's) into a real DuckDB file
-  in a temporary directory, through ``pipeline.run(..., loader_file_format=...)``.
+- Every export runs in a fresh process into a real DuckDB file in a temporary directory,
+  through ``pipeline.run(..., loader_file_format=...)``. Its peak RSS is that process's
+  ``ru_maxrss``; a sampling thread tells in which step (extract, normalize, load) it peaked.
+  The parent kills an export whose RSS passes ``--rss-limit-gb`` (the machine is shared).
 - "Limits off": the simulator enforces no limits and the source's own pacing is scaled so far
   (``rate_limit_time_scale=1000``) that it never waits; its bookkeeping still runs.
 - "Limits on": the simulator enforces Klaviyo's published limits with ``time_scale=S`` and the
   source paces with ``rate_limit_time_scale=S``, so one steady window (one real minute) lasts
-  60/S seconds. Sustained rate = successful segment-profile requests in the whole steady
-  windows after the first request, per window, i.e. per real minute.
+  60/S seconds. Sustained rate = successful segment-profile requests per window over the whole
+  windows after the first one (which may hold a fresh burst), i.e. per real minute. S defaults
+  to 2, not 10: at 10 the scaled ceiling (12,500 memberships/s) is above what the exporter can
+  do with limits off, and the figure would measure its CPU instead of its pacing.
+- Each row records which loader file format every table really got, and every export the
+  hash of the source package it imported: other people may change the code during a run.
+- The profile is cProfile on every thread (each thread started during the export gets its
+  own profiler), timed by wall clock, with one extract worker so threads seldom wait for each
+  other; functions that only wait (sockets, locks, idle pools) are reported apart. Shared code
+  (stdlib, ``dlt.common``, builtins) is booked to the layers of its callers.
 
 The machine has few cores and other work may run beside this script: treat every figure as
 provisional, and compare figures of one run with each other rather than across machines.
@@ -85,7 +95,6 @@ class Plan:
     request_count_size: int
     rss_sizes: tuple[int, ...]
     formats: tuple[str, ...]
-    pin_walk_format: bool
     rss_limit_mb: float
 
     def sizes(self) -> set[int]:
@@ -106,7 +115,6 @@ def make_plan(args: argparse.Namespace, formats: tuple[str, ...]) -> Plan:
         request_count_size=100_000,
         rss_sizes=(10_000, 100_000, 1_000_000),
         formats=formats,
-        pin_walk_format=args.pin_walk_format,
         rss_limit_mb=args.rss_limit_gb * 1024,
     )
     if not args.quick:
@@ -316,7 +324,6 @@ class ExportJob:
     rate_limit_time_scale: float = UNLIMITED_SCALE
     profile_to: str | None = None
     extract_workers: int | None = None  # dlt's [extract] workers (default 5)
-    pin_walk_format: bool = False  # give the walk's table variants the loader file format too
     rss_limit_mb: float = 4096.0  # the parent kills the export above this (shared machine)
 
 
@@ -332,6 +339,7 @@ class ExportResult:
     profiles: int
     rss_by_step: dict[str, float] = field(default_factory=dict)  # peak MB during each step
     formats: dict[str, str] = field(default_factory=dict)  # loader file format per table
+    code: str = ""  # hash of the source package this export imported
     error: str | None = None
 
 
@@ -461,21 +469,7 @@ def make_source(job: ExportJob) -> Any:
     }
     if job.revision:
         options["revision"] = job.revision
-    source = klaviyo(**options)
-    if job.pin_walk_format:
-        pin_walk_format(source, job.loader_file_format)
-    return source
-
-
-def pin_walk_format(source: Any, file_format: str) -> None:
-    """Workaround: `pipeline.run(loader_file_format=...)` sets the format of each resource's
-    own table only. Table variants declared before the run (the membership walk's three
-    tables) miss it and load with the destination's default (DuckDB: insert_values)."""
-    from klaviyo_source import settings
-
-    walk = source.resources["segment_memberships"]
-    for table in (settings.MEMBERSHIPS_TABLE, settings.PERIODS_TABLE, settings.PROFILES_TABLE):
-        walk.apply_hints(table_name=table, file_format=file_format, create_table_variant=True)
+    return klaviyo(**options)
 
 
 def loaded_formats(load_info: Any) -> dict[str, str]:
@@ -493,6 +487,7 @@ def run_export(job: ExportJob) -> ExportResult:
     """The export itself (runs in the child process): one `pipeline.run`, measured."""
     if job.extract_workers is not None:
         os.environ["EXTRACT__WORKERS"] = str(job.extract_workers)
+    code = source_hash()  # before the import below: the code this export runs
     pipeline = make_pipeline(job)
     source = make_source(job)
     profiler = AllThreadsProfile() if job.profile_to else nullcontext()
@@ -512,6 +507,7 @@ def run_export(job: ExportJob) -> ExportResult:
         profiles=_count_rows(pipeline, "profiles") if job.include_profiles else 0,
         rss_by_step={name: rss.peak_between(*span) for name, span in spans.items()},
         formats=loaded_formats(load_info),
+        code=code,
     )
 
 
@@ -611,7 +607,6 @@ def new_job(plan: Plan, sim: SimulatorProcess, workdir: str, **options: Any) -> 
         sim.info.base_url,
         sim.info.api_key,
         workdir,
-        pin_walk_format=plan.pin_walk_format,
         rss_limit_mb=plan.rss_limit_mb,
         **options,
     )
@@ -681,26 +676,32 @@ def machine_facts() -> list[str]:
     ]
 
 
+def source_hash() -> str:
+    """A short hash of every file of the source package as it is on disk now."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "klaviyo_source").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def source_fingerprint() -> str:
     """Git HEAD, files changed since, and a hash of the source package as it is now.
 
     Other people may edit the source while this runs; compare the fingerprints at start and
     end to know whether every figure measured the same code.
     """
-    import hashlib
     import subprocess
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return done.stdout.strip()
 
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "klaviyo_source").rglob("*.py")):
-        digest.update(path.read_bytes())
     changed = git("status", "--porcelain", "--", "klaviyo_source", "pipelines").splitlines()
     changed_names = ", ".join(line.split(maxsplit=1)[1] for line in changed) or "none"
     return f"HEAD {git('rev-parse', '--short', 'HEAD')}, uncommitted: {changed_names}; " + (
-        f"klaviyo_source sha256 {digest.hexdigest()[:12]}"
+        f"klaviyo_source sha256 {source_hash()}"
     )
 
 
@@ -780,11 +781,12 @@ def pacing_figure_rows(label: str, pacing: Pacing, ceiling: int, busy: float) ->
     ]
 
 
-def pacing_rows(plan: Plan, root: Path) -> list[Row]:
+def pacing_rows(plan: Plan, root: Path) -> tuple[list[Row], list[MeasuredExport]]:
     """Figure 1: sustained rate and 429s with the simulator enforcing the published limits."""
     from klaviyo_source.simulator.revisions import Revision
 
     rows: list[Row] = []
+    runs: list[MeasuredExport] = []
     scale = plan.pacing_time_scale
     mode = "with profiles" if plan.pacing_include_profiles else "membership-only"
     log(f"1. pacing: {_k(plan.pacing_memberships)} memberships, limits on, time_scale {scale:g}")
@@ -802,6 +804,7 @@ def pacing_rows(plan: Plan, root: Path) -> list[Row]:
                 rate_limit_time_scale=scale,
             )
             measured = measure_export(sim, job, keep_log=True)
+            runs.append(measured)
             if measured.result.error:
                 rows.append(_failed_row("1", f"paced export, revision {revision}", measured, ""))
                 continue
@@ -810,7 +813,7 @@ def pacing_rows(plan: Plan, root: Path) -> list[Row]:
             label = f"revision {revision}, ceiling {ceiling}/min, {mode}, x{scale:g}"
             busy = measured.result.cpu_s / measured.result.wall_s
             rows += pacing_figure_rows(label, pacing, ceiling, busy)
-    return rows
+    return rows, runs
 
 
 # -- 2. requests per membership, 3. throughput, 4. memory ------------------------------------
@@ -959,6 +962,18 @@ def correctness_row(runs: Sequence[MeasuredExport]) -> Row:
     )
 
 
+def code_versions_row(runs: Sequence[MeasuredExport]) -> Row:
+    """Whether every export ran the same source code (others may edit it meanwhile)."""
+    versions = sorted({run.result.code for run in runs if run.result.code})
+    return Row(
+        "-",
+        "source versions the exports ran (sha256 of klaviyo_source/*.py)",
+        ", ".join(versions),
+        "one",
+        len(versions) <= 1,
+    )
+
+
 def default_run(runs: Sequence[MeasuredExport]) -> MeasuredExport:
     """The with-profiles jsonl run: the pipeline's default configuration."""
     return next(
@@ -1014,7 +1029,7 @@ def run_size(size: int, plan: Plan, root: Path) -> SizeResults:
 
 def run_benchmark(plan: Plan, root: Path) -> list[Row]:
     """All four figures, in the table's order."""
-    pacing = pacing_rows(plan, root)
+    pacing, paced_runs = pacing_rows(plan, root)
     results = {size: run_size(size, plan, root) for size in sorted(plan.sizes())}
     requests = [requests_per_100_row(default_run(found.runs)) for found in results.values()]
     no_change = [row for found in results.values() for row in found.no_change]
@@ -1027,7 +1042,7 @@ def run_benchmark(plan: Plan, root: Path) -> list[Row]:
         + no_change
         + throughput_rows(throughput)
         + rss_rows(rss)
-        + [correctness_row(every_run)]
+        + [correctness_row(every_run), code_versions_row([*paced_runs, *every_run])]
     )
 
 
@@ -1193,7 +1208,6 @@ def run_profile(args: argparse.Namespace, root: Path) -> str:
             loader_file_format=args.profile_format,
             profile_to=stats_path,
             extract_workers=1,
-            pin_walk_format=args.pin_walk_format,
             rss_limit_mb=args.rss_limit_gb * 1024,
         )
         result = measure_export(sim, job).result
@@ -1236,12 +1250,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-memberships", type=int, default=1_000_000)
     parser.add_argument("--profile-format", default="jsonl")
     parser.add_argument("--membership-only", action="store_true", help="profile without profiles")
-    parser.add_argument(
-        "--pin-walk-format",
-        action="store_true",
-        help="workaround: also give the membership walk's table variants the loader file "
-        "format (pipeline.run's loader_file_format reaches only each resource's own table)",
-    )
     parser.add_argument(
         "--rss-limit-gb",
         type=float,
