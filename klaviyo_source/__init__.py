@@ -25,13 +25,13 @@ from .rows import (
     SEGMENT_TAG_COLUMNS,
     TAG_COLUMNS,
     Row,
-    declare_walk_tables,
     deleted_segment_row,
     segment_row,
     segment_tag_ids,
     tag_row,
 )
 from .segment_listing import ListedSegment, list_segments
+from .walk_tables import WalkPages, declare_walk_tables, quiet_json_column_notices
 
 __all__ = ["klaviyo", "KlaviyoClient", "KlaviyoConfigError"]
 
@@ -94,6 +94,7 @@ def klaviyo(
         profiles_seen.clear()
         # The run has set its file format by now, on the source's copy of the resource.
         declare_walk_tables(dlt.current.source().resources["segment_memberships"])
+        quiet_json_column_notices("segment_memberships")
         yield from list_segments(
             client, selection, segment_ids or [], HeldData.of_current_pipeline(), run_started
         )
@@ -125,7 +126,7 @@ def klaviyo(
         for document in client.get_tags():
             yield [tag_row(resource) for resource in document.get("data") or []]
 
-    # Fills three tables, declared by rows.declare_walk_tables.
+    # Fills three tables, declared by walk_tables.declare_walk_tables.
     @dlt.transformer(data_from=segment_listing, write_disposition="merge", parallelized=True)
     def segment_memberships(listed: ListedSegment) -> Iterator[object]:
         yield from sync_listed_segment(
@@ -136,6 +137,7 @@ def klaviyo(
             dlt.current.source_state()[settings.FAILURES_STATE_KEY],
             run_started,
             profiles_seen,
+            WalkPages(dlt.current.load_package_state()["load_id"]),
         )
 
     return segments, tags, segment_tags, declare_walk_tables(segment_memberships)

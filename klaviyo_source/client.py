@@ -25,6 +25,7 @@ went wrong, how often it was tried and what to do.
 """
 
 import logging
+import os
 import random
 import re
 import threading
@@ -44,6 +45,7 @@ from dlt.sources.helpers.rest_client.auth import APIKeyAuth
 from dlt.sources.helpers.rest_client.paginators import JSONLinkPaginator
 from requests import ConnectionError, ConnectTimeout, PreparedRequest, Response, Timeout
 from requests.exceptions import ChunkedEncodingError
+from requests.utils import get_environ_proxies
 
 from . import settings
 from .errors import (
@@ -231,8 +233,22 @@ class RetryingSession(Session):
         self.policy = policy
         self.adapter = adapter
         self.base_url = base_url
+        self._read_environment_once(base_url)
         self.mount("http://", adapter)
         self.mount("https://", adapter)
+
+    def _read_environment_once(self, base_url: str) -> None:
+        """Take proxies and a CA bundle from the environment now, not again for every request.
+
+        `requests` reads proxy variables, no_proxy rules and ~/.netrc anew for each request
+        (about 1 ms); over a 10,000-page export that is seconds of CPU for settings that do
+        not change. Auth is ours, so ~/.netrc is never needed.
+        """
+        self.proxies.update(get_environ_proxies(base_url))
+        ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if ca_bundle:
+            self.verify = ca_bundle
+        self.trust_env = False
 
     def send(self, request: PreparedRequest, **kwargs: Any) -> Response:  # type: ignore[override]
         method = request.method or "GET"

@@ -33,17 +33,9 @@ from .errors import (
 )
 from .filters import joined_after
 from .held import HeldData, HeldMembership
-from .rows import (
-    Row,
-    as_memberships,
-    as_periods,
-    as_profiles,
-    membership_row,
-    parse_datetime,
-    period_row,
-    profile_row,
-)
+from .rows import Row, membership_row, parse_datetime, period_row, profile_row
 from .segment_listing import ListedSegment
+from .walk_tables import WalkBatch, WalkPages
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +133,8 @@ class ProfilesSeen:
         with self._lock:
             self._ids.clear()
 
-    def first_seen(self, profiles: List[Row]) -> List[Row]:
-        """The rows of profiles not emitted before in this run (and marks them emitted)."""
+    def first_seen(self, profiles: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """The profiles (rows or resources) not emitted before in this run, marked emitted."""
         with self._lock:
             fresh = [row for row in profiles if row["id"] not in self._ids]
             self._ids.update(row["id"] for row in fresh)
@@ -163,15 +155,22 @@ class SegmentSync:
     options: MembershipOptions
     now: datetime
     profiles_seen: "ProfilesSeen"
+    pages: WalkPages
 
     def __post_init__(self) -> None:
         self.stats = SyncStats()
+        self._batch = WalkBatch(self.pages)
         self._loaded: set[str] = set()  # profiles whose membership this run already loaded
 
     def run(self) -> Iterator[Any]:
         yield from self._incremental_pass()
         if self._reconcile_due():
             yield from self._reconcile()
+        yield from self._batch.flush()
+
+    def gathered(self) -> Iterator[Any]:
+        """Rows fetched but not handed on yet: after a failure they still load."""
+        yield from self._batch.flush()
 
     @property
     def walked_in_full(self) -> bool:
@@ -210,7 +209,7 @@ class SegmentSync:
         """Rows for the members of one page that are new, re-joined or not yet loaded."""
         memberships: List[Row] = []
         periods: List[Row] = []
-        profiles: List[Row] = []
+        profiles: List[Dict[str, Any]] = []
         for resource in resources:
             profile_id = resource["id"]
             joined = parse_datetime(resource["attributes"]["joined_group_at"])
@@ -234,19 +233,16 @@ class SegmentSync:
             memberships.append(row)
             periods.append(period_row(row))
             if self.options.include_profiles:
-                profiles.append(profile_row(resource))
-        yield from self._emit(memberships, periods, self.profiles_seen.first_seen(profiles))
+                profiles.append(resource)
+        # Shaping a profile costs more than the rest of its row: only first sightings are.
+        fresh = [profile_row(resource) for resource in self.profiles_seen.first_seen(profiles)]
+        yield from self._emit(memberships, periods, fresh)
 
     def _emit(
         self, memberships: List[Row], periods: List[Row], profiles: List[Row]
     ) -> Iterator[Any]:
         self.stats.loaded += len(memberships)
-        if memberships:
-            yield as_memberships(memberships)
-        if periods:
-            yield as_periods(periods)
-        if profiles:
-            yield as_profiles(profiles)
+        yield from self._batch.add(memberships, periods, profiles)
 
     # -- reconciliation ---------------------------------------------------------------------
 
@@ -284,9 +280,7 @@ class SegmentSync:
             yield from self._changes(unseen, page_held)
         ended = [self._ended(held, self.now, "left") for held in remaining.values()]
         self.stats.left += len(ended)
-        for start in range(0, len(ended), 1000):
-            batch = ended[start : start + 1000]
-            yield from self._emit(batch, [period_row(row) for row in batch], [])
+        yield from self._emit(ended, [period_row(row) for row in ended], [])
 
     def _ended(self, held: HeldMembership, before: datetime, reason: str) -> Row:
         """The held membership, ended between when it was last seen and `before`."""
@@ -309,8 +303,11 @@ class SegmentSync:
         )
 
 
-def close_segment(segment_id: str, held: HeldData, closed_at: datetime) -> Iterator[Any]:
+def close_segment(
+    segment_id: str, held: HeldData, closed_at: datetime, pages: WalkPages
+) -> Iterator[Any]:
     """End every membership the destination holds for a segment Klaviyo no longer has."""
+    batch = WalkBatch(pages)
     ended = [
         membership_row(
             segment_id,
@@ -323,10 +320,8 @@ def close_segment(segment_id: str, held: HeldData, closed_at: datetime) -> Itera
         )
         for membership in held.members(segment_id).values()
     ]
-    for start in range(0, len(ended), 1000):
-        batch = ended[start : start + 1000]
-        yield as_memberships(batch)
-        yield as_periods([period_row(row) for row in batch])
+    yield from batch.add(ended, [period_row(row) for row in ended], [])
+    yield from batch.flush()
 
 
 def next_cursor(
@@ -350,6 +345,7 @@ def sync_listed_segment(
     failures: Dict[str, str],
     now: datetime,
     profiles_seen: ProfilesSeen,
+    pages: WalkPages,
 ) -> Iterator[Any]:
     """Sync one listed segment and move its cursor; a failure is recorded, not raised.
 
@@ -361,7 +357,7 @@ def sync_listed_segment(
     if not listed.selected:
         return  # kept in `segments` for its attributes; its members are not exported
     if listed.deleted_at is not None:
-        yield from close_segment(listed.id, listed.held, listed.deleted_at)
+        yield from close_segment(listed.id, listed.held, listed.deleted_at, pages)
         cursors.pop(listed.id, None)
         reconciled.pop(listed.id, None)
         return
@@ -382,6 +378,7 @@ def sync_listed_segment(
         options=options,
         now=now,
         profiles_seen=profiles_seen,
+        pages=pages,
     )
     try:
         yield from sync.run()
@@ -389,12 +386,14 @@ def sync_listed_segment(
         raise  # the key is wrong for every segment: stop the run with Klaviyo's reason
     except KlaviyoNotFound:
         logger.warning(f"segment {listed.id} was deleted during the run; next run marks it")
+        yield from sync.gathered()
         return
     except (KlaviyoAPIError, RequestException) as error:
-        # Keep the other segments' progress; this one keeps its old cursor and is fetched
-        # again from there by the next run.
+        # Keep the other segments' progress, and the pages this one fetched; it keeps its old
+        # cursor and is fetched again from there by the next run.
         failures[listed.id] = f"segment {listed.id} ({listed.name}): {error}"
         logger.error(failures[listed.id])
+        yield from sync.gathered()
         return
     moved = next_cursor(sync.cursor, sync.stats.newest, datetime.now(timezone.utc))
     if moved is not None:

@@ -96,9 +96,7 @@ def budgets_for(method: str, url: str) -> List[Budget]:
     return budgets
 
 
-def tier_windows(
-    tier: str, revision: str = settings.DEFAULT_REVISION
-) -> List[Tuple[int, float]]:
+def tier_windows(tier: str, revision: str = settings.DEFAULT_REVISION) -> List[Tuple[int, float]]:
     """(requests, seconds) windows of a published tier, before this run's share and scale."""
     if tier == WRITE_TIER:
         per_second, per_minute = settings.RATE_TIERS["XS"]

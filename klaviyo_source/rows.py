@@ -7,12 +7,10 @@ and `predictive_analytics` flatten into `location__city`-style columns.
 """
 
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-import dlt
 from dlt.common import json
 from dlt.common.schema.typing import TTableSchemaColumns
-from dlt.extract import DltResource
 
 from . import settings
 
@@ -20,8 +18,14 @@ Row = Dict[str, Any]
 
 
 def parse_datetime(value: str) -> datetime:
-    """Klaviyo datetimes come with `Z`, offsets and fractions of any length; return UTC."""
-    return datetime.fromisoformat(value).astimezone(timezone.utc)
+    """Klaviyo datetimes come with `Z`, offsets and fractions of any length; return UTC.
+
+    A value without an offset is taken to be UTC, Klaviyo's own zone.
+    """
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
 
 
 def membership_key(segment_id: str, profile_id: str) -> str:
@@ -58,12 +62,28 @@ def tag_row(resource: Dict[str, Any]) -> Row:
 
 
 def profile_row(resource: Dict[str, Any]) -> Row:
-    """A profile's attributes without the segment-specific `joined_group_at`."""
+    """A profile's attributes without the segment-specific `joined_group_at`.
+
+    `location` and `predictive_analytics` flatten one level (`location__city`); any other
+    object or list (`properties`, `subscriptions`, `ranked_channel_affinity`) is JSON text.
+    """
     row: Row = {"id": resource["id"]}
     for name, value in (resource.get("attributes") or {}).items():
-        if name != "joined_group_at":
-            row[name] = value
+        if name == "joined_group_at":
+            continue
+        if name in _FLATTENED_PROFILE_OBJECTS and isinstance(value, dict):
+            for field, field_value in value.items():
+                row[f"{name}__{field}"] = _json_text(field_value)
+        else:
+            row[name] = _json_text(value)
     return row
+
+
+_FLATTENED_PROFILE_OBJECTS = ("location", "predictive_analytics")
+
+
+def _json_text(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
 def membership_row(
@@ -138,62 +158,48 @@ PERIOD_COLUMNS: TTableSchemaColumns = {
 }
 PROFILE_COLUMNS: TTableSchemaColumns = {
     "id": {"data_type": "text", "nullable": False},
-    "email": {"data_type": "text"},
-    "phone_number": {"data_type": "text"},
-    "external_id": {"data_type": "text"},
+    **{
+        name: {"data_type": "text"}
+        for name in (
+            "email",
+            "phone_number",
+            "external_id",
+            "first_name",
+            "last_name",
+            "organization",
+            "locale",
+            "title",
+            "image",
+        )
+    },
     "created": {"data_type": "timestamp"},
     "updated": {"data_type": "timestamp"},
     "last_event_date": {"data_type": "timestamp"},
+    **{
+        f"location__{name}": {"data_type": "text"}
+        for name in ("address1", "address2", "city", "country", "region", "zip", "timezone", "ip")
+    },
     # Klaviyo sends coordinates as strings or numbers; one numeric column keeps them queryable.
     "location__latitude": {"data_type": "double"},
     "location__longitude": {"data_type": "double"},
     "properties": {"data_type": "json"},
     "subscriptions": {"data_type": "json"},
 }
-
-
-# The membership walk writes three tables. Each is declared once as a table variant of the
-# walking resource (`declare_walk_tables`) and each page is routed by table name only: per-page
-# hints would make dlt re-validate the table schema for every page, which cost more CPU than
-# everything else in an export.
-_WALK_TABLES: Dict[str, Tuple[str, TTableSchemaColumns]] = {
-    settings.MEMBERSHIPS_TABLE: ("membership_id", MEMBERSHIP_COLUMNS),
-    settings.PERIODS_TABLE: ("period_id", PERIOD_COLUMNS),
-    settings.PROFILES_TABLE: ("id", PROFILE_COLUMNS),
-}
-
-
-def declare_walk_tables(resource: DltResource) -> DltResource:
-    """Give the walking resource its three tables, each with its own key and columns.
-
-    None of them takes its columns from the resource itself: dlt would give the profiles
-    table the memberships' columns too. A loader file format chosen for the run
-    (`pipeline.run(loader_file_format=...)`) reaches only the resource's own hints, so each
-    run passes it on to the three tables before the first page.
-    """
-    file_format = resource.compute_table_schema().get("file_format")
-    for table_name, (key, columns) in _WALK_TABLES.items():
-        resource.apply_hints(
-            table_name=table_name,
-            write_disposition="merge",
-            primary_key=key,
-            columns=columns,
-            file_format=file_format,
-            create_table_variant=True,
+# Types of the profile columns that exist only when `predictive_analytics` is asked for.
+PROFILE_OPTIONAL_TYPES: Dict[str, str] = {
+    **{
+        f"predictive_analytics__{name}": "double"
+        for name in (
+            "historic_clv",
+            "predicted_clv",
+            "total_clv",
+            "historic_number_of_orders",
+            "predicted_number_of_orders",
+            "average_days_between_orders",
+            "average_order_value",
+            "churn_probability",
         )
-    return resource
-
-
-def as_memberships(rows: List[Row]) -> Any:
-    """Route a page of membership rows to `segment_memberships`."""
-    return dlt.mark.with_table_name(rows, settings.MEMBERSHIPS_TABLE)
-
-
-def as_periods(rows: List[Row]) -> Any:
-    """Route a page of membership-period rows to the history table."""
-    return dlt.mark.with_table_name(rows, settings.PERIODS_TABLE)
-
-
-def as_profiles(rows: List[Row]) -> Any:
-    """Route a page of profile rows to `profiles`."""
-    return dlt.mark.with_table_name(rows, settings.PROFILES_TABLE)
+    },
+    "predictive_analytics__expected_date_of_next_order": "timestamp",
+    "predictive_analytics__ranked_channel_affinity": "json",
+}

@@ -1,7 +1,8 @@
 """Reads what a pipeline loaded into DuckDB and what the simulator holds, in comparable shapes."""
 
+import json
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Dict, Iterable, List, Set, Tuple
 
 import dlt
 
@@ -93,3 +94,53 @@ def table_snapshot(pipeline: dlt.Pipeline, table: str) -> List[Tuple[Any, ...]]:
         return sorted(
             (tuple(row) for row in client.execute_sql(f"SELECT {quoted} FROM {table}")), key=repr
         )
+
+
+_PROFILE_TEXT = ("email", "phone_number", "external_id", "first_name", "last_name", "organization")
+_PROFILE_TIMES = ("created", "updated", "last_event_date")
+_LOCATION_NUMBERS = ("latitude", "longitude")
+
+
+def loaded_profiles(pipeline: dlt.Pipeline) -> Dict[str, Dict[str, Any]]:
+    """Profile attributes as loaded: timestamps in UTC, JSON parsed, coordinates as floats."""
+    columns = [
+        *_PROFILE_TEXT,
+        *_PROFILE_TIMES,
+        "location__city",
+        *(f"location__{name}" for name in _LOCATION_NUMBERS),
+        "properties",
+    ]
+    rows = query(pipeline, f"SELECT id, {', '.join(columns)} FROM profiles")
+    loaded = {}
+    for profile_id, *values in rows:
+        row = dict(zip(columns, values, strict=True))
+        for name in _PROFILE_TIMES:
+            row[name] = utc(row[name]) if row[name] is not None else None
+        properties = row["properties"]
+        row["properties"] = json.loads(properties) if isinstance(properties, str) else properties
+        loaded[profile_id] = row
+    return loaded
+
+
+def true_profiles(account: Account, profile_ids: Iterable[str]) -> Dict[str, Dict[str, Any]]:
+    """The same attributes from the simulator, for the given profiles."""
+    profiles = account.profiles()
+    expected = {}
+    for profile_id in profile_ids:
+        truth = profiles[profile_id]
+        location = truth.get("location") or {}
+        row: Dict[str, Any] = {name: truth.get(name) for name in _PROFILE_TEXT}
+        for name in _PROFILE_TIMES:
+            row[name] = utc(truth[name]) if truth.get(name) is not None else None
+        row["location__city"] = location.get("city")
+        for name in _LOCATION_NUMBERS:
+            value = location.get(name)
+            row[f"location__{name}"] = float(value) if value not in (None, "") else None
+        row["properties"] = truth.get("properties") or {}
+        expected[profile_id] = row
+    return expected
+
+
+def member_ids(account: Account) -> Set[str]:
+    """Profiles in at least one segment: the ones a full export loads."""
+    return {profile_id for members in account.memberships().values() for profile_id in members}

@@ -19,12 +19,15 @@ import dlt
 import pytest
 from expected import (
     loaded_memberships,
+    loaded_profiles,
     loaded_segment_tags,
     loaded_segments,
     loaded_tags,
+    member_ids,
     query,
     table_snapshot,
     true_memberships,
+    true_profiles,
     true_segments,
     utc,
 )
@@ -179,14 +182,16 @@ def assert_tables_match_truth(reader: Any, account: Account) -> None:
     assert loaded_segment_tags(reader) == account.segment_tags()
     assert loaded_memberships(reader) == true_memberships(account)
 
-    profiles = account.profiles()
-    held_profiles = {
-        row[0]: row[1:] for row in query(reader, "SELECT id, email, external_id FROM profiles")
-    }
-    for members in account.memberships().values():
-        for profile_id in members:
-            truth = profiles[profile_id]
-            assert held_profiles[profile_id] == (truth["email"], truth["external_id"])
+    held_profiles = loaded_profiles(reader)
+    assert set(held_profiles) >= member_ids(account)
+    assert held_profiles == true_profiles(account, held_profiles)
+
+
+def assert_profile_properties_are_json_objects(reader: Any) -> None:
+    """`properties` holds JSON objects, not JSON strings that spell one."""
+    kinds = query(reader, "SELECT DISTINCT jsonb_typeof(properties) FROM profiles")
+    assert {kind for (kind,) in kinds} <= {"object", None}
+    assert ("object",) in kinds
 
 
 def assert_first_run_matches_truth(reader: Any, account: Account) -> None:
@@ -372,6 +377,7 @@ def test_first_run_into_postgres_equals_the_truth(
 
     assert postgres_pipeline.destination.destination_name == "postgres"
     assert_first_run_matches_truth(postgres_pipeline, account)
+    assert_profile_properties_are_json_objects(postgres_pipeline)
     assert create_views(postgres_pipeline) == list(VIEWS)
     assert _views_in(postgres_server, postgres_pipeline.dataset_name) == set(VIEWS)
     assert_views_match_truth(postgres_pipeline, account, deleted=None)

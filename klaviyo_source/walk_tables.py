@@ -1,0 +1,250 @@
+"""The three tables a membership walk fills, and the Arrow pages that fill them.
+
+A walk writes `segment_memberships`, `segment_membership_periods` and `profiles`. Each page
+of rows becomes one Arrow table: dlt writes Arrow pages straight to parquet and loads them
+without its row-by-row normalizer, which cost more CPU than everything else in an export.
+Arrow pages skip the columns dlt's normalizer would add, so each page carries them itself:
+`_dlt_load_id` (the run's load id) and `_dlt_id` (the row's own key, unique in its table).
+
+Column types come from the declared columns; a profile attribute nobody declared (a field
+Klaviyo adds in a later revision) keeps the type Arrow infers for it.
+"""
+
+import logging
+from datetime import datetime
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import dlt
+import pyarrow as pa
+from dlt.common import json
+from dlt.common import logger as dlt_logging
+from dlt.common.schema.typing import TTableSchemaColumns
+from dlt.extract import DltResource
+
+from . import settings
+from .rows import (
+    MEMBERSHIP_COLUMNS,
+    PERIOD_COLUMNS,
+    PROFILE_COLUMNS,
+    PROFILE_OPTIONAL_TYPES,
+    Row,
+    parse_datetime,
+)
+
+logger = logging.getLogger(__name__)
+
+LOAD_ID_COLUMN = "_dlt_load_id"
+ROW_ID_COLUMN = "_dlt_id"
+_BOOKKEEPING_COLUMNS: TTableSchemaColumns = {
+    LOAD_ID_COLUMN: {"data_type": "text", "nullable": False},
+    ROW_ID_COLUMN: {"data_type": "text", "nullable": False},
+}
+
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+_ARROW_TYPES: Dict[str, pa.DataType] = {
+    "text": pa.string(),
+    "json": pa.string(),  # JSON text; the destination's JSON type parses it on load
+    "timestamp": _TIMESTAMP,
+    "bool": pa.bool_(),
+    "double": pa.float64(),
+}
+
+# table name -> (key, declared columns, types of the columns that appear only when asked for)
+WALK_TABLES: Dict[str, tuple[str, TTableSchemaColumns, Dict[str, str]]] = {
+    settings.MEMBERSHIPS_TABLE: ("membership_id", MEMBERSHIP_COLUMNS, {}),
+    settings.PERIODS_TABLE: ("period_id", PERIOD_COLUMNS, {}),
+    settings.PROFILES_TABLE: ("id", PROFILE_COLUMNS, PROFILE_OPTIONAL_TYPES),
+}
+
+
+def declare_walk_tables(resource: DltResource) -> DltResource:
+    """Give the walking resource its three tables, each with its own key and columns.
+
+    Each table is a variant of the resource, declared once: hints given with every page
+    would make dlt validate the table schema again for every page. None of the tables takes
+    its columns from the resource itself: dlt would give the profiles table the memberships'
+    columns too. A loader file format chosen for the run (`pipeline.run(loader_file_format=
+    ...)`) reaches only the resource's own hints, so each run passes it on to the tables.
+    """
+    file_format = resource.compute_table_schema().get("file_format")
+    for table_name, (key, columns, _) in WALK_TABLES.items():
+        resource.apply_hints(
+            table_name=table_name,
+            write_disposition="merge",
+            primary_key=key,
+            columns={**columns, **_BOOKKEEPING_COLUMNS},
+            file_format=file_format,
+            create_table_variant=True,
+        )
+    return resource
+
+
+class _JsonColumnNotice(logging.Filter):
+    """Drops dlt's notice, repeated for every profile page, that a JSON column came as text.
+
+    JSON columns travel in Arrow pages as JSON text by design (Arrow has no JSON type dlt
+    reads), and the declared `json` type is the one the destination gets.
+    """
+
+    def __init__(self, resource_name: str) -> None:
+        super().__init__()
+        self.resource_name = resource_name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith(f"In resource: {self.resource_name}, when merging arrow schema")
+        )
+
+
+def quiet_json_column_notices(resource_name: str) -> None:
+    """Silence that notice for the walking resource on dlt's logger, once per process."""
+    dlt_logger = dlt_logging.LOGGER
+    if dlt_logger is None:
+        return
+    if not any(
+        isinstance(existing, _JsonColumnNotice) and existing.resource_name == resource_name
+        for existing in dlt_logger.filters
+    ):
+        dlt_logger.addFilter(_JsonColumnNotice(resource_name))
+
+
+class WalkPages:
+    """Turns pages of rows into Arrow tables routed to their walk table, for one load."""
+
+    def __init__(self, load_id: str) -> None:
+        self.load_id = load_id
+
+    def memberships(self, rows: Sequence[Row]) -> Any:
+        return self._page(settings.MEMBERSHIPS_TABLE, rows)
+
+    def periods(self, rows: Sequence[Row]) -> Any:
+        return self._page(settings.PERIODS_TABLE, rows)
+
+    def profiles(self, rows: Sequence[Row]) -> Any:
+        return self._page(settings.PROFILES_TABLE, rows)
+
+    def _page(self, table_name: str, rows: Sequence[Row]) -> Any:
+        key, columns, other_types = WALK_TABLES[table_name]
+        table = arrow_table(rows, columns, other_types)
+        keys = table.column(key)
+        table = table.append_column(
+            pa.field(LOAD_ID_COLUMN, pa.string(), nullable=False),
+            pa.array([self.load_id] * len(rows), pa.string()),
+        ).append_column(pa.field(ROW_ID_COLUMN, pa.string(), nullable=False), keys)
+        return dlt.mark.with_table_name(table, table_name)
+
+
+class WalkBatch:
+    """Rows of one walk gathered into Arrow tables of about `settings.WALK_BATCH_ROWS` rows."""
+
+    def __init__(self, pages: WalkPages, size: int = settings.WALK_BATCH_ROWS) -> None:
+        self.pages = pages
+        self.size = size
+        self._memberships: List[Row] = []
+        self._periods: List[Row] = []
+        self._profiles: List[Row] = []
+
+    def add(
+        self, memberships: Sequence[Row], periods: Sequence[Row], profiles: Sequence[Row]
+    ) -> Iterator[Any]:
+        """Gather rows; yields tables of `size` rows while a batch is full."""
+        self._memberships.extend(memberships)
+        self._periods.extend(periods)
+        self._profiles.extend(profiles)
+        while max(len(self._memberships), len(self._periods), len(self._profiles)) >= self.size:
+            yield from self._take(self.size)
+
+    def flush(self) -> Iterator[Any]:
+        """Yield every row gathered."""
+        yield from self._take(None)
+
+    def _take(self, limit: Optional[int]) -> Iterator[Any]:
+        taken = (self._memberships[:limit], self._periods[:limit], self._profiles[:limit])
+        self._memberships = self._memberships[len(taken[0]) :]
+        self._periods = self._periods[len(taken[1]) :]
+        self._profiles = self._profiles[len(taken[2]) :]
+        for rows, as_table in zip(
+            taken, (self.pages.memberships, self.pages.periods, self.pages.profiles), strict=True
+        ):
+            if rows:
+                yield as_table(rows)
+
+
+def arrow_table(
+    rows: Sequence[Row], columns: TTableSchemaColumns, other_types: Dict[str, str]
+) -> pa.Table:
+    """One Arrow table of `rows`: declared columns first, typed as declared, then the rest.
+
+    A column outside `columns` takes its type from `other_types`, else from Arrow's inference.
+    """
+    names = list(columns)
+    declared = set(names)
+    for row in rows:
+        names.extend(name for name in row if name not in declared and name not in names)
+    fields = []
+    arrays = []
+    for name in names:
+        hint = columns.get(name) or {}
+        data_type = hint.get("data_type") or other_types.get(name)
+        array = _array([row.get(name) for row in rows], data_type)
+        arrays.append(array)
+        fields.append(pa.field(name, array.type, nullable=hint.get("nullable", True)))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _array(values: List[Any], data_type: Optional[str]) -> pa.Array:
+    if data_type is None:
+        return _inferred(values)
+    if data_type == "timestamp":
+        return _timestamps(values)
+    if data_type == "double":
+        return pa.array([_number(value) for value in values], pa.float64())
+    if data_type in ("text", "json"):
+        return pa.array([_text(value) for value in values], pa.string())
+    return pa.array(values, _ARROW_TYPES[data_type])
+
+
+def _inferred(values: List[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Mixed kinds (a number in one row, text in the next): keep every value, as text.
+        return pa.array([_text(value) for value in values], pa.string())
+
+
+def _text(value: Any) -> Optional[str]:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _number(value: Any) -> Optional[float]:
+    """Klaviyo sends coordinates as numbers or numeric strings; anything else is unknown."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _timestamps(values: List[Any]) -> pa.Array:
+    if not any(isinstance(value, str) for value in values):
+        return pa.array(values, _TIMESTAMP)
+    try:
+        # Arrow parses ISO 8601 with an offset or Z in C, far faster than one call per value.
+        return pa.array(values, pa.string()).cast(_TIMESTAMP)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([_datetime(value) for value in values], _TIMESTAMP)
+
+
+def _datetime(value: Any) -> Optional[datetime]:
+    """One value Arrow could not parse (no offset, nanoseconds): parsed here, else dropped."""
+    if value is None or isinstance(value, datetime):
+        return value
+    try:
+        return parse_datetime(str(value))
+    except ValueError:
+        logger.warning(f"{value!r} is not a date and time; it is loaded as null")
+        return None
