@@ -31,7 +31,7 @@ from .rows import (
     tag_row,
 )
 from .segment_listing import ListedSegment, list_segments
-from .walk_tables import WalkPages, declare_walk_tables, quiet_json_column_notices
+from .walk_tables import declare_walk_tables, quiet_json_column_notices
 
 __all__ = ["klaviyo", "KlaviyoClient", "KlaviyoConfigError"]
 
@@ -137,7 +137,7 @@ def klaviyo(
             dlt.current.source_state()[settings.FAILURES_STATE_KEY],
             run_started,
             profiles_seen,
-            WalkPages(dlt.current.load_package_state()["load_id"]),
+            dlt.current.load_package_state()["load_id"],
         )
 
     return segments, tags, segment_tags, declare_walk_tables(segment_memberships)

@@ -33,9 +33,9 @@ from .errors import (
 )
 from .filters import joined_after
 from .held import HeldData, HeldMembership
-from .rows import Row, membership_row, parse_datetime, period_row, profile_row
+from .rows import Row, membership_row, parse_datetime, profile_row
 from .segment_listing import ListedSegment
-from .walk_tables import WalkBatch, WalkPages
+from .walk_tables import WalkBatch
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +155,11 @@ class SegmentSync:
     options: MembershipOptions
     now: datetime
     profiles_seen: "ProfilesSeen"
-    pages: WalkPages
+    load_id: str
 
     def __post_init__(self) -> None:
         self.stats = SyncStats()
-        self._batch = WalkBatch(self.pages)
+        self._batch = WalkBatch(self.load_id)
         self._loaded: set[str] = set()  # profiles whose membership this run already loaded
 
     def run(self) -> Iterator[Any]:
@@ -208,7 +208,7 @@ class SegmentSync:
     ) -> Iterator[Any]:
         """Rows for the members of one page that are new, re-joined or not yet loaded."""
         memberships: List[Row] = []
-        periods: List[Row] = []
+        ended_earlier: List[Row] = []
         profiles: List[Dict[str, Any]] = []
         for resource in resources:
             profile_id = resource["id"]
@@ -226,23 +226,22 @@ class SegmentSync:
                     self.stats.joined += 1
                 else:
                     # A re-join: the earlier period ended before this join.
-                    periods.append(period_row(self._ended(previous, joined, "rejoined")))
+                    ended_earlier.append(self._ended(previous, joined, "rejoined"))
             row = membership_row(self.segment_id, profile_id, joined, first_seen, self.now)
             if self.cursor is not None:  # only a run that may reconcile needs to remember
                 self._loaded.add(profile_id)
             memberships.append(row)
-            periods.append(period_row(row))
             if self.options.include_profiles:
                 profiles.append(resource)
         # Shaping a profile costs more than the rest of its row: only first sightings are.
         fresh = [profile_row(resource) for resource in self.profiles_seen.first_seen(profiles)]
-        yield from self._emit(memberships, periods, fresh)
+        yield from self._emit(memberships, ended_earlier, fresh)
 
     def _emit(
-        self, memberships: List[Row], periods: List[Row], profiles: List[Row]
+        self, memberships: List[Row], ended_earlier: List[Row], profiles: List[Row]
     ) -> Iterator[Any]:
         self.stats.loaded += len(memberships)
-        yield from self._batch.add(memberships, periods, profiles)
+        yield from self._batch.add(memberships, ended_earlier, profiles)
 
     # -- reconciliation ---------------------------------------------------------------------
 
@@ -280,7 +279,7 @@ class SegmentSync:
             yield from self._changes(unseen, page_held)
         ended = [self._ended(held, self.now, "left") for held in remaining.values()]
         self.stats.left += len(ended)
-        yield from self._emit(ended, [period_row(row) for row in ended], [])
+        yield from self._emit(ended, [], [])
 
     def _ended(self, held: HeldMembership, before: datetime, reason: str) -> Row:
         """The held membership, ended between when it was last seen and `before`."""
@@ -304,10 +303,10 @@ class SegmentSync:
 
 
 def close_segment(
-    segment_id: str, held: HeldData, closed_at: datetime, pages: WalkPages
+    segment_id: str, held: HeldData, closed_at: datetime, load_id: str
 ) -> Iterator[Any]:
     """End every membership the destination holds for a segment Klaviyo no longer has."""
-    batch = WalkBatch(pages)
+    batch = WalkBatch(load_id)
     ended = [
         membership_row(
             segment_id,
@@ -320,7 +319,7 @@ def close_segment(
         )
         for membership in held.members(segment_id).values()
     ]
-    yield from batch.add(ended, [period_row(row) for row in ended], [])
+    yield from batch.add(ended, [], [])
     yield from batch.flush()
 
 
@@ -345,7 +344,7 @@ def sync_listed_segment(
     failures: Dict[str, str],
     now: datetime,
     profiles_seen: ProfilesSeen,
-    pages: WalkPages,
+    load_id: str,
 ) -> Iterator[Any]:
     """Sync one listed segment and move its cursor; a failure is recorded, not raised.
 
@@ -357,7 +356,7 @@ def sync_listed_segment(
     if not listed.selected:
         return  # kept in `segments` for its attributes; its members are not exported
     if listed.deleted_at is not None:
-        yield from close_segment(listed.id, listed.held, listed.deleted_at, pages)
+        yield from close_segment(listed.id, listed.held, listed.deleted_at, load_id)
         cursors.pop(listed.id, None)
         reconciled.pop(listed.id, None)
         return
@@ -378,7 +377,7 @@ def sync_listed_segment(
         options=options,
         now=now,
         profiles_seen=profiles_seen,
-        pages=pages,
+        load_id=load_id,
     )
     try:
         yield from sync.run()

@@ -114,13 +114,6 @@ def membership_row(
     }
 
 
-def period_row(membership: Row) -> Row:
-    """The membership period a membership row describes: one per (segment, profile, join)."""
-    joined: datetime = membership["joined_group_at"]
-    stamp = joined.astimezone(timezone.utc).isoformat(timespec="microseconds")
-    return {"period_id": f"{membership['membership_id']}:{stamp}", **membership}
-
-
 SEGMENT_COLUMNS: TTableSchemaColumns = {
     "id": {"data_type": "text", "nullable": False},
     "name": {"data_type": "text"},

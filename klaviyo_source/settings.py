@@ -24,7 +24,7 @@ DEFAULT_LOOKBACK: Final = timedelta(hours=1)
 # on every Arrow table it receives (schema inference and merge, about 10 ms); one table per
 # 100-row page made that cost larger than everything else. Bigger batches hold more rows in
 # memory per extract worker.
-WALK_BATCH_ROWS: Final = 5_000
+WALK_BATCH_ROWS: Final = 1_000
 
 SEGMENT_ATTRIBUTES: Final[Tuple[str, ...]] = (
     "name",

@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import dlt
 import pyarrow as pa
+import pyarrow.compute as pc
 from dlt.common import json
 from dlt.common import logger as dlt_logging
 from dlt.common.schema.typing import TTableSchemaColumns
@@ -49,11 +50,11 @@ _ARROW_TYPES: Dict[str, pa.DataType] = {
     "double": pa.float64(),
 }
 
-# table name -> (key, declared columns, types of the columns that appear only when asked for)
-WALK_TABLES: Dict[str, tuple[str, TTableSchemaColumns, Dict[str, str]]] = {
-    settings.MEMBERSHIPS_TABLE: ("membership_id", MEMBERSHIP_COLUMNS, {}),
-    settings.PERIODS_TABLE: ("period_id", PERIOD_COLUMNS, {}),
-    settings.PROFILES_TABLE: ("id", PROFILE_COLUMNS, PROFILE_OPTIONAL_TYPES),
+# table name -> (key, declared columns)
+WALK_TABLES: Dict[str, tuple[str, TTableSchemaColumns]] = {
+    settings.MEMBERSHIPS_TABLE: ("membership_id", MEMBERSHIP_COLUMNS),
+    settings.PERIODS_TABLE: ("period_id", PERIOD_COLUMNS),
+    settings.PROFILES_TABLE: ("id", PROFILE_COLUMNS),
 }
 
 
@@ -67,7 +68,7 @@ def declare_walk_tables(resource: DltResource) -> DltResource:
     ...)`) reaches only the resource's own hints, so each run passes it on to the tables.
     """
     file_format = resource.compute_table_schema().get("file_format")
-    for table_name, (key, columns, _) in WALK_TABLES.items():
+    for table_name, (key, columns) in WALK_TABLES.items():
         resource.apply_hints(
             table_name=table_name,
             write_disposition="merge",
@@ -109,70 +110,86 @@ def quiet_json_column_notices(resource_name: str) -> None:
         dlt_logger.addFilter(_JsonColumnNotice(resource_name))
 
 
-class WalkPages:
-    """Turns pages of rows into Arrow tables routed to their walk table, for one load."""
-
-    def __init__(self, load_id: str) -> None:
-        self.load_id = load_id
-
-    def memberships(self, rows: Sequence[Row]) -> Any:
-        return self._page(settings.MEMBERSHIPS_TABLE, rows)
-
-    def periods(self, rows: Sequence[Row]) -> Any:
-        return self._page(settings.PERIODS_TABLE, rows)
-
-    def profiles(self, rows: Sequence[Row]) -> Any:
-        return self._page(settings.PROFILES_TABLE, rows)
-
-    def _page(self, table_name: str, rows: Sequence[Row]) -> Any:
-        key, columns, other_types = WALK_TABLES[table_name]
-        table = arrow_table(rows, columns, other_types)
-        keys = table.column(key)
-        table = table.append_column(
-            pa.field(LOAD_ID_COLUMN, pa.string(), nullable=False),
-            pa.array([self.load_id] * len(rows), pa.string()),
-        ).append_column(pa.field(ROW_ID_COLUMN, pa.string(), nullable=False), keys)
-        return dlt.mark.with_table_name(table, table_name)
-
-
 class WalkBatch:
-    """Rows of one walk gathered into Arrow tables of about `settings.WALK_BATCH_ROWS` rows."""
+    """Rows of one walk, handed to dlt as Arrow tables of about `size` rows each.
 
-    def __init__(self, pages: WalkPages, size: int = settings.WALK_BATCH_ROWS) -> None:
-        self.pages = pages
+    Every membership row is also the row of its period, so a batch holds memberships and,
+    apart, only the periods no membership row describes any more (one a re-join ended).
+    Each table is stamped with the run's load id and routed to its walk table.
+    """
+
+    def __init__(self, load_id: str, size: int = settings.WALK_BATCH_ROWS) -> None:
+        self.load_id = load_id
         self.size = size
         self._memberships: List[Row] = []
-        self._periods: List[Row] = []
+        self._ended_earlier: List[Row] = []
         self._profiles: List[Row] = []
 
     def add(
-        self, memberships: Sequence[Row], periods: Sequence[Row], profiles: Sequence[Row]
+        self, memberships: Sequence[Row], ended_earlier: Sequence[Row], profiles: Sequence[Row]
     ) -> Iterator[Any]:
-        """Gather rows; yields tables of `size` rows while a batch is full."""
+        """Gather rows; yields tables of `size` rows while a batch is full.
+
+        `ended_earlier`: membership rows of periods that ended before a membership's re-join.
+        """
         self._memberships.extend(memberships)
-        self._periods.extend(periods)
+        self._ended_earlier.extend(ended_earlier)
         self._profiles.extend(profiles)
-        while max(len(self._memberships), len(self._periods), len(self._profiles)) >= self.size:
+        while self._largest() >= self.size:
             yield from self._take(self.size)
 
     def flush(self) -> Iterator[Any]:
         """Yield every row gathered."""
         yield from self._take(None)
 
+    def _largest(self) -> int:
+        return max(len(self._memberships), len(self._ended_earlier), len(self._profiles))
+
     def _take(self, limit: Optional[int]) -> Iterator[Any]:
-        taken = (self._memberships[:limit], self._periods[:limit], self._profiles[:limit])
-        self._memberships = self._memberships[len(taken[0]) :]
-        self._periods = self._periods[len(taken[1]) :]
-        self._profiles = self._profiles[len(taken[2]) :]
-        for rows, as_table in zip(
-            taken, (self.pages.memberships, self.pages.periods, self.pages.profiles), strict=True
-        ):
-            if rows:
-                yield as_table(rows)
+        memberships, self._memberships = _split(self._memberships, limit)
+        ended_earlier, self._ended_earlier = _split(self._ended_earlier, limit)
+        profiles, self._profiles = _split(self._profiles, limit)
+        membership_table = arrow_table(memberships, MEMBERSHIP_COLUMNS)
+        if memberships:
+            yield self._routed(membership_table, settings.MEMBERSHIPS_TABLE)
+        if memberships or ended_earlier:
+            periods = pa.concat_tables(
+                [membership_table, arrow_table(ended_earlier, MEMBERSHIP_COLUMNS)]
+            )
+            yield self._routed(with_period_ids(periods), settings.PERIODS_TABLE)
+        if profiles:
+            table = arrow_table(profiles, PROFILE_COLUMNS, PROFILE_OPTIONAL_TYPES)
+            yield self._routed(table, settings.PROFILES_TABLE)
+
+    def _routed(self, table: pa.Table, table_name: str) -> Any:
+        key = WALK_TABLES[table_name][0]
+        table = table.append_column(
+            pa.field(LOAD_ID_COLUMN, pa.string(), nullable=False),
+            pa.array([self.load_id] * table.num_rows, pa.string()),
+        ).append_column(pa.field(ROW_ID_COLUMN, pa.string(), nullable=False), table.column(key))
+        return dlt.mark.with_table_name(table, table_name)
+
+
+def _split(rows: List[Row], limit: Optional[int]) -> tuple[List[Row], List[Row]]:
+    if limit is None or len(rows) <= limit:
+        return rows, []
+    return rows[:limit], rows[limit:]
+
+
+# A period is a membership from one join: its id is the membership's plus the join time, in
+# ISO 8601 with microseconds (`...:2024-05-01T03:04:05.000123+00:00`).
+_PERIOD_STAMP = "%Y-%m-%dT%H:%M:%S+00:00"  # %S carries the microseconds of a `us` timestamp
+
+
+def with_period_ids(memberships: pa.Table) -> pa.Table:
+    """Membership rows as period rows: `period_id` put first."""
+    stamps = pc.strftime(memberships.column("joined_group_at"), format=_PERIOD_STAMP)
+    ids = pc.binary_join_element_wise(memberships.column("membership_id"), stamps, ":")
+    return memberships.add_column(0, pa.field("period_id", pa.string(), nullable=False), ids)
 
 
 def arrow_table(
-    rows: Sequence[Row], columns: TTableSchemaColumns, other_types: Dict[str, str]
+    rows: Sequence[Row], columns: TTableSchemaColumns, other_types: Optional[Dict[str, str]] = None
 ) -> pa.Table:
     """One Arrow table of `rows`: declared columns first, typed as declared, then the rest.
 
@@ -186,7 +203,7 @@ def arrow_table(
     arrays = []
     for name in names:
         hint = columns.get(name) or {}
-        data_type = hint.get("data_type") or other_types.get(name)
+        data_type = hint.get("data_type") or (other_types or {}).get(name)
         array = _array([row.get(name) for row in rows], data_type)
         arrays.append(array)
         fields.append(pa.field(name, array.type, nullable=hint.get("nullable", True)))

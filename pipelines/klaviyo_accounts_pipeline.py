@@ -21,7 +21,14 @@ from typing import List, Optional, Sequence
 import dlt
 from dlt.common.configuration.exceptions import ConfigFieldMissingException
 from dlt.pipeline.exceptions import PipelineStepFailed
-from klaviyo_pipeline import _one_line, _root_cause, build_parser, run_and_report, show_progress
+from klaviyo_pipeline import (
+    _one_line,
+    _root_cause,
+    build_parser,
+    cap_duckdb_memory,
+    run_and_report,
+    show_progress,
+)
 
 from klaviyo_source import klaviyo
 from klaviyo_source.errors import KlaviyoError
@@ -41,6 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     show_progress(args)
+    cap_duckdb_memory(args)
     failed = 0
     for account in args.accounts:
         print(f"== account {account}")

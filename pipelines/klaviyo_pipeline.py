@@ -11,6 +11,7 @@ The key comes the dlt way: SOURCES__KLAVIYO__API_KEY or [sources.klaviyo] api_ke
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -20,6 +21,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 # Read the project's .dlt/ (config, secrets) from whatever directory the script is started in:
 # schedulers (dlt deploy's GitHub workflow among them) start it from pipelines/.
 os.environ.setdefault("DLT_PROJECT_DIR", str(Path(__file__).resolve().parents[1]))
+# Arrow's default allocator keeps what it frees for later; the system allocator returns it,
+# which keeps a long export's memory flat. Read once, when pyarrow is first imported.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 import dlt  # noqa: E402
 from dlt.common.configuration.exceptions import (
@@ -40,6 +44,10 @@ PIPELINE_NAME = "klaviyo_segments"
 DEMO_SEED = 7
 DEMO_DATABASE = "klaviyo_demo.duckdb"
 DUCKDB_CREDENTIALS = "DESTINATION__DUCKDB__CREDENTIALS"
+DUCKDB_GLOBAL_CONFIG = "destination.duckdb.credentials.global_config"
+# DuckDB takes 80 % of the machine's memory by default, and a merge of a million rows uses
+# over a gigabyte of it; under this cap it spills to a temporary file instead.
+DUCKDB_MEMORY_LIMIT = "256MB"
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -123,8 +131,21 @@ def destination_for(args: argparse.Namespace) -> Any:
     return args.destination
 
 
+def cap_duckdb_memory(args: argparse.Namespace) -> None:
+    """Give DuckDB a memory limit, unless its `global_config` is configured already.
+
+    Set your own with DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG='{"memory_limit": "1GB"}'
+    or `global_config` under [destination.duckdb.credentials] in .dlt/secrets.toml.
+    """
+    if args.destination != "duckdb" or dlt.secrets.get(DUCKDB_GLOBAL_CONFIG) is not None:
+        return
+    variable = DUCKDB_GLOBAL_CONFIG.replace(".", "__").upper()
+    os.environ[variable] = json.dumps({"memory_limit": DUCKDB_MEMORY_LIMIT})
+
+
 def load_klaviyo(args: argparse.Namespace, source_overrides: Dict[str, Any]) -> LoadInfo:
     """Run the pipeline once and print what it loaded; raise if any segment failed."""
+    cap_duckdb_memory(args)
     pipeline = dlt.pipeline(
         pipeline_name="klaviyo_segments",
         destination=destination_for(args),
