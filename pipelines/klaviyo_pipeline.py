@@ -45,9 +45,11 @@ DEMO_SEED = 7
 DEMO_DATABASE = "klaviyo_demo.duckdb"
 DUCKDB_CREDENTIALS = "DESTINATION__DUCKDB__CREDENTIALS"
 DUCKDB_GLOBAL_CONFIG = "destination.duckdb.credentials.global_config"
-# DuckDB takes 80 % of the machine's memory by default, and a merge of a million rows uses
-# over a gigabyte of it; under this cap it spills to a temporary file instead.
-DUCKDB_MEMORY_LIMIT = "256MB"
+# DuckDB takes 80 % of the machine's memory by default, and a merge of a million rows used
+# 1.4 GB of it; under a cap it spills to a temporary file instead. At 256 MB, loading 1M
+# memberships as jsonl ran out of memory (dlt's retry then loaded it); 512 MB, with insertion
+# order not kept (dlt does not need it, and it costs memory), leaves room.
+DUCKDB_SETTINGS = {"memory_limit": "512MB", "preserve_insertion_order": False}
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -140,7 +142,7 @@ def cap_duckdb_memory(args: argparse.Namespace) -> None:
     if args.destination != "duckdb" or dlt.secrets.get(DUCKDB_GLOBAL_CONFIG) is not None:
         return
     variable = DUCKDB_GLOBAL_CONFIG.replace(".", "__").upper()
-    os.environ[variable] = json.dumps({"memory_limit": DUCKDB_MEMORY_LIMIT})
+    os.environ[variable] = json.dumps(DUCKDB_SETTINGS)
 
 
 def load_klaviyo(args: argparse.Namespace, source_overrides: Dict[str, Any]) -> LoadInfo:

@@ -108,3 +108,32 @@ def test_missing_key_names_where_to_put_it(user_env: Dict[str, str]) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "SOURCES__KLAVIYO__API_KEY" in lines[0]
+
+
+# Opens the pipeline's DuckDB the way the script's pipeline does, after the script's settings.
+_DUCKDB_SETTINGS_PROBE = """
+import argparse, sys
+sys.path.insert(0, "pipelines")
+import klaviyo_pipeline
+import dlt
+klaviyo_pipeline.cap_duckdb_memory(argparse.Namespace(destination="duckdb"))
+pipeline = dlt.pipeline(pipeline_name="probe", destination="duckdb", dataset_name="probe")
+with pipeline.sql_client() as client:
+    limit, ordered = client.execute_sql(
+        "SELECT current_setting('memory_limit'), current_setting('preserve_insertion_order')"
+    )[0]
+print(limit, ordered)
+"""
+
+
+def _duckdb_settings(env: Dict[str, str]) -> str:
+    probe = _run([sys.executable, "-c", _DUCKDB_SETTINGS_PROBE], env)
+    assert probe.returncode == 0, probe.stderr
+    return probe.stdout.strip()
+
+
+def test_script_caps_duckdb_memory_unless_configured(user_env: Dict[str, str]) -> None:
+    assert _duckdb_settings(user_env) == "488.2 MiB False"  # 512MB
+
+    user_env["DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG"] = '{"memory_limit": "1GB"}'
+    assert _duckdb_settings(user_env) == "953.6 MiB True"  # the user's alone
