@@ -21,9 +21,9 @@ SEGMENT_PROFILES_PAGE_SIZE: Final = 100
 DEFAULT_LOOKBACK: Final = timedelta(hours=1)
 
 # Rows a segment walk gathers before handing a table of them to dlt. dlt spends a fixed cost
-# on every Arrow table it receives (schema inference and merge, about 10 ms); one table per
-# 100-row page made that cost larger than everything else. Bigger batches hold more rows in
-# memory per extract worker.
+# on every Arrow table it receives (schema inference and merge): one table per 100-row page made
+# that cost larger than everything else. Memory grows with the batch (five extract workers each
+# hold one): at 5,000 rows the extract step peaked about 170 MB higher than at 1,000, no faster.
 WALK_BATCH_ROWS: Final = 1_000
 
 SEGMENT_ATTRIBUTES: Final[Tuple[str, ...]] = (
