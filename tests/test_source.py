@@ -92,6 +92,36 @@ def test_each_segment_keeps_its_own_cursor(
             assert segment_id not in cursors
 
 
+def test_a_cursor_over_rows_the_destination_lost_is_not_trusted(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    source_for: Callable,
+    make_pipeline: Callable,
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    big = _largest_segment(account)
+    with pipeline.sql_client() as client:
+        # Someone deleted the segment's rows; the pipeline's state still holds its cursor.
+        client.execute_sql("DELETE FROM segment_memberships WHERE segment_id = %s", big)
+    cursors = _cursor_state(pipeline)
+    assert big in cursors
+    simulator.request_log.clear()
+
+    pipeline.run(source_for(reconcile="off"))
+
+    walks = [r for r in simulator.request_log if r.operation == "get_segment_profiles"]
+    walked = {sid: [r for r in walks if f"/segments/{sid}/" in r.path] for sid in cursors}
+    assert len(walked[big]) > 1 and all("filter" not in r.query for r in walked[big])
+    # Every other segment still starts from its cursor: one filtered page.
+    assert all(
+        len(requests) == 1 and "filter" in requests[0].query
+        for sid, requests in walked.items()
+        if sid != big
+    )
+    assert loaded_memberships(pipeline) == true_memberships(account)
+
+
 def test_second_run_fetches_only_new_pages_and_matches_the_truth(
     account: Account,
     simulator: KlaviyoSimulator,
