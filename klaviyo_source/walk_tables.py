@@ -1,10 +1,11 @@
-"""The three tables a membership walk fills, and the Arrow pages that fill them.
+"""The three tables a membership walk fills, and the Arrow tables that fill them.
 
-A walk writes `segment_memberships`, `segment_membership_periods` and `profiles`. Each page
-of rows becomes one Arrow table: dlt writes Arrow pages straight to parquet and loads them
-without its row-by-row normalizer, which cost more CPU than everything else in an export.
-Arrow pages skip the columns dlt's normalizer would add, so each page carries them itself:
-`_dlt_load_id` (the run's load id) and `_dlt_id` (the row's own key, unique in its table).
+A walk writes `segment_memberships`, `segment_membership_periods` and `profiles`. Its rows are
+gathered into batches (`WalkBatch`) and handed to dlt as Arrow tables: dlt writes those straight
+to parquet and loads them without its row-by-row normalizer, which cost more CPU than
+everything else in an export. Arrow tables skip the columns dlt's normalizer would add, so each
+carries them itself: `_dlt_load_id` (the run's load id) and `_dlt_id` (the row's own key,
+unique in its table).
 
 Column types come from the declared columns; a profile attribute nobody declared (a field
 Klaviyo adds in a later revision) keeps the type Arrow infers for it.
@@ -81,9 +82,9 @@ def declare_walk_tables(resource: DltResource) -> DltResource:
 
 
 class _JsonColumnNotice(logging.Filter):
-    """Drops dlt's notice, repeated for every profile page, that a JSON column came as text.
+    """Drops dlt's notice, repeated for every profiles table, that a JSON column came as text.
 
-    JSON columns travel in Arrow pages as JSON text by design (Arrow has no JSON type dlt
+    JSON columns travel in Arrow tables as JSON text by design (Arrow has no JSON type dlt
     reads), and the declared `json` type is the one the destination gets.
     """
 
