@@ -209,12 +209,18 @@ class RateLimiter:
         started = time.monotonic()
         with self._lock:
             self.stats.requests += 1
-        if self.pace:
-            for budget in budgets:
-                self._limiter(budget).try_acquire(budget.name)
-        # Waited last, and again while another thread's 429 extends the pause meanwhile.
-        while (pause := self.paused_for(budgets)) > 0:
-            time.sleep(pause)
+        while True:
+            # Pauses first: a thread that took room before a pause would send after it, at
+            # the same moment as every other such thread, and overrun the window it resumes in.
+            while (pause := self.paused_for(budgets)) > 0:
+                time.sleep(pause)
+            if self.pace:
+                for budget in budgets:
+                    self._limiter(budget).try_acquire(budget.name)
+            if self.paused_for(budgets) == 0:
+                break
+            # Another thread's 429 paused the budget while this one waited for room: the room
+            # taken is given up, and taken again once the pause is over.
         waited = time.monotonic() - started
         with self._lock:
             self.stats.waited_seconds += waited
