@@ -260,6 +260,27 @@ def test_a_429_pauses_its_budget_for_every_thread_and_only_that_budget(
     assert len(tags_at) == 2 and tags_at[0] - throttled_at >= 2.95
 
 
+def test_threads_waiting_out_a_pause_resume_at_the_paced_rate(account: Account) -> None:
+    # S tier at time scale 10: 3 requests a 100 ms window. One 429 pauses the budget for 1 s
+    # while eleven more threads want it; when the pause ends they must come back spaced out,
+    # not all at once into one window (which Klaviyo would answer with more 429s).
+    scale = 10.0
+    with KlaviyoSimulator(account, rate_limits=True, time_scale=scale) as simulator:
+        client = KlaviyoClient(
+            simulator.api_key, simulator.base_url, rate_limiter=RateLimiter(1.0, scale)
+        )
+        simulator.inject_fault("throttle", times=1, path_contains="/api/tags", retry_after=1)
+        threads = [threading.Thread(target=lambda: list(client.get_tags())) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        statuses = [r.status for r in log_of(simulator) if r.operation == "get_tags"]
+
+    assert statuses.count(429) == 1  # the injected one, and no wave after the pause
+    assert statuses.count(200) == 12
+
+
 def test_a_429_without_retry_after_backs_off_exponentially_then_gives_up(
     simulator: KlaviyoSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
