@@ -43,13 +43,6 @@ _BOOKKEEPING_COLUMNS: TTableSchemaColumns = {
 }
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
-_ARROW_TYPES: Dict[str, pa.DataType] = {
-    "text": pa.string(),
-    "json": pa.string(),  # JSON text; the destination's JSON type parses it on load
-    "timestamp": _TIMESTAMP,
-    "bool": pa.bool_(),
-    "double": pa.float64(),
-}
 
 # table name -> (key, declared columns)
 WALK_TABLES: Dict[str, tuple[str, TTableSchemaColumns]] = {
@@ -197,9 +190,12 @@ def arrow_table(
     A column outside `columns` takes its type from `other_types`, else from Arrow's inference.
     """
     names = list(columns)
-    declared = set(names)
+    seen = set(names)
     for row in rows:
-        names.extend(name for name in row if name not in declared and name not in names)
+        for name in row:
+            if name not in seen:
+                seen.add(name)
+                names.append(name)
     fields = []
     arrays = []
     for name in names:
@@ -219,8 +215,18 @@ def _array(values: List[Any], data_type: Optional[str]) -> pa.Array:
     if data_type == "double":
         return pa.array([_number(value) for value in values], pa.float64())
     if data_type in ("text", "json"):
+        return _texts(values)
+    if data_type == "bool":
+        return pa.array(values, pa.bool_())
+    raise ValueError(f"no Arrow type for the column type {data_type!r}")
+
+
+def _texts(values: List[Any]) -> pa.Array:
+    try:
+        # Nearly always text already: converted in C, without a Python call per value.
+        return pa.array(values, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
         return pa.array([_text(value) for value in values], pa.string())
-    return pa.array(values, _ARROW_TYPES[data_type])
 
 
 def _inferred(values: List[Any]) -> pa.Array:
@@ -228,7 +234,7 @@ def _inferred(values: List[Any]) -> pa.Array:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         # Mixed kinds (a number in one row, text in the next): keep every value, as text.
-        return pa.array([_text(value) for value in values], pa.string())
+        return _texts(values)
 
 
 def _text(value: Any) -> Optional[str]:
