@@ -32,6 +32,7 @@ from dlt.common.configuration.exceptions import (
     ConfigValueCannotBeCoercedException,
 )
 from dlt.common.configuration.specs import RuntimeConfiguration
+from dlt.common.destination import LOADER_FILE_FORMATS
 from dlt.common.pipeline import LoadInfo
 from dlt.pipeline.exceptions import PipelineStepFailed
 
@@ -88,7 +89,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no per-segment lines")
     parser.add_argument(
         "--loader-file-format",
-        help="dlt loader file format; default parquet for duckdb (Arrow pages load as they are)",
+        choices=sorted(LOADER_FILE_FORMATS),
+        help="dlt loader file format; default parquet for duckdb (Arrow tables load as they are)",
     )
     return parser
 

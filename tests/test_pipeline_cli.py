@@ -137,3 +137,15 @@ def test_script_caps_duckdb_memory_unless_configured(user_env: Dict[str, str]) -
 
     user_env["DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG"] = '{"memory_limit": "1GB"}'
     assert _duckdb_settings(user_env) == "953.6 MiB True"  # the user's alone
+
+
+def test_unknown_loader_file_format_is_refused_before_anything_runs(
+    user_env: Dict[str, str],
+) -> None:
+    refused = _run([sys.executable, str(SCRIPT), "--loader-file-format", "xml"], user_env)
+
+    assert refused.returncode == 2
+    assert "Traceback" not in refused.stderr
+    assert "--loader-file-format: invalid choice: 'xml'" in refused.stderr.splitlines()[-1]
+    assert "parquet" in refused.stderr.splitlines()[-1]
+    assert not Path(user_env["DESTINATION__DUCKDB__CREDENTIALS"]).exists()
