@@ -105,16 +105,24 @@ def quiet_json_column_notices(resource_name: str) -> None:
 
 
 class WalkBatch:
-    """Rows of one walk, handed to dlt as Arrow tables of about `size` rows each.
+    """Rows of one walk, handed to dlt as Arrow tables of at most `size` rows each.
+
+    Profiles, wider rows, go in tables of at most `profiles_size` rows.
 
     Every membership row is also the row of its period, so a batch holds memberships and,
     apart, only the periods no membership row describes any more (one a re-join ended).
     Each table is stamped with the run's load id and routed to its walk table.
     """
 
-    def __init__(self, load_id: str, size: int = settings.WALK_BATCH_ROWS) -> None:
+    def __init__(
+        self,
+        load_id: str,
+        size: int = settings.WALK_BATCH_ROWS,
+        profiles_size: int = settings.WALK_BATCH_PROFILES,
+    ) -> None:
         self.load_id = load_id
         self.size = size
+        self.profiles_size = profiles_size
         self._memberships: List[Row] = []
         self._ended_earlier: List[Row] = []
         self._profiles: List[Row] = []
@@ -122,27 +130,30 @@ class WalkBatch:
     def add(
         self, memberships: Sequence[Row], ended_earlier: Sequence[Row], profiles: Sequence[Row]
     ) -> Iterator[Any]:
-        """Gather rows; yields tables of `size` rows while a batch is full.
+        """Gather rows; yields tables while a batch is full.
 
         `ended_earlier`: membership rows of periods that ended before a membership's re-join.
         """
         self._memberships.extend(memberships)
         self._ended_earlier.extend(ended_earlier)
         self._profiles.extend(profiles)
-        while self._largest() >= self.size:
-            yield from self._take(self.size)
+        while self._full():
+            yield from self._take(self.size, self.profiles_size)
 
     def flush(self) -> Iterator[Any]:
         """Yield every row gathered."""
-        yield from self._take(None)
+        yield from self._take(None, None)
 
-    def _largest(self) -> int:
-        return max(len(self._memberships), len(self._ended_earlier), len(self._profiles))
+    def _full(self) -> bool:
+        return (
+            max(len(self._memberships), len(self._ended_earlier)) >= self.size
+            or len(self._profiles) >= self.profiles_size
+        )
 
-    def _take(self, limit: Optional[int]) -> Iterator[Any]:
+    def _take(self, limit: Optional[int], profiles_limit: Optional[int]) -> Iterator[Any]:
         memberships, self._memberships = _split(self._memberships, limit)
         ended_earlier, self._ended_earlier = _split(self._ended_earlier, limit)
-        profiles, self._profiles = _split(self._profiles, limit)
+        profiles, self._profiles = _split(self._profiles, profiles_limit)
         membership_table = arrow_table(memberships, MEMBERSHIP_COLUMNS)
         if memberships:
             yield self._routed(membership_table, settings.MEMBERSHIPS_TABLE)

@@ -1,0 +1,49 @@
+"""WalkBatch: every gathered row reaches exactly one Arrow table, tables stay within size."""
+
+from datetime import datetime, timezone
+from typing import Any, Dict, List
+
+import pyarrow as pa
+
+from klaviyo_source import settings
+from klaviyo_source.rows import membership_row
+from klaviyo_source.walk_tables import WalkBatch
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+def _memberships(count: int) -> List[Dict[str, Any]]:
+    return [membership_row("SEG", f"P{n}", NOW, NOW, NOW) for n in range(count)]
+
+
+def _tables(items: List[Any]) -> Dict[str, List[pa.Table]]:
+    by_name: Dict[str, List[pa.Table]] = {}
+    for item in items:
+        by_name.setdefault(item.meta.table_name, []).append(item.data)
+    return by_name
+
+
+def test_tables_stay_within_their_sizes_and_keep_every_row() -> None:
+    batch = WalkBatch("load-1", size=50, profiles_size=7)
+    items: List[Any] = []
+    for page in range(6):  # 6 pages of 20 memberships, 4 new profiles each
+        rows = _memberships(120)[page * 20 : (page + 1) * 20]
+        new_profiles = [
+            {"id": f"P{page}-{n}", "email": f"{page}-{n}@example.com"} for n in range(4)
+        ]
+        items += list(batch.add(rows, [], new_profiles))
+    items += list(batch.flush())
+
+    tables = _tables(items)
+    memberships = tables[settings.MEMBERSHIPS_TABLE]
+    profiles = tables[settings.PROFILES_TABLE]
+    assert max(table.num_rows for table in memberships) <= 50
+    assert max(table.num_rows for table in profiles) <= 7
+    assert sum(table.num_rows for table in memberships) == 120
+    assert sum(table.num_rows for table in tables[settings.PERIODS_TABLE]) == 120
+    profile_ids = [i for table in profiles for i in table.column("id").to_pylist()]
+    assert sorted(profile_ids) == sorted(f"P{p}-{n}" for p in range(6) for n in range(4))
+    # Profiles fill their smaller tables first: they are handed on before memberships are.
+    assert len(profiles) > len(memberships)
+    load_ids = {i for table in profiles for i in table.column("_dlt_load_id").to_pylist()}
+    assert load_ids == {"load-1"}
