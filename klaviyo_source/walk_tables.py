@@ -265,8 +265,11 @@ def _number(value: Any) -> Optional[float]:
 
 
 def _timestamps(values: List[Any]) -> pa.Array:
-    if not any(isinstance(value, str) for value in values):
+    try:
+        # Datetimes (every timestamp this source computes) convert in C; a text value raises.
         return pa.array(values, _TIMESTAMP)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
     try:
         # Arrow parses ISO 8601 with an offset or Z in C, far faster than one call per value.
         return pa.array(values, pa.string()).cast(_TIMESTAMP)
