@@ -137,23 +137,21 @@ class WalkBatch:
         self._memberships.extend(memberships)
         self._ended_earlier.extend(ended_earlier)
         self._profiles.extend(profiles)
-        while self._full():
-            yield from self._take(self.size, self.profiles_size)
+        # Each kind is handed on when its own batch is full: a flush of one would otherwise
+        # cut the other's tables short.
+        while max(len(self._memberships), len(self._ended_earlier)) >= self.size:
+            yield from self._take_memberships(self.size)
+        while len(self._profiles) >= self.profiles_size:
+            yield from self._take_profiles(self.profiles_size)
 
     def flush(self) -> Iterator[Any]:
         """Yield every row gathered."""
-        yield from self._take(None, None)
+        yield from self._take_memberships(None)
+        yield from self._take_profiles(None)
 
-    def _full(self) -> bool:
-        return (
-            max(len(self._memberships), len(self._ended_earlier)) >= self.size
-            or len(self._profiles) >= self.profiles_size
-        )
-
-    def _take(self, limit: Optional[int], profiles_limit: Optional[int]) -> Iterator[Any]:
+    def _take_memberships(self, limit: Optional[int]) -> Iterator[Any]:
         memberships, self._memberships = _split(self._memberships, limit)
         ended_earlier, self._ended_earlier = _split(self._ended_earlier, limit)
-        profiles, self._profiles = _split(self._profiles, profiles_limit)
         membership_table = arrow_table(memberships, MEMBERSHIP_COLUMNS)
         if memberships:
             yield self._routed(membership_table, settings.MEMBERSHIPS_TABLE)
@@ -162,6 +160,9 @@ class WalkBatch:
                 [membership_table, arrow_table(ended_earlier, MEMBERSHIP_COLUMNS)]
             )
             yield self._routed(with_period_ids(periods), settings.PERIODS_TABLE)
+
+    def _take_profiles(self, limit: Optional[int]) -> Iterator[Any]:
+        profiles, self._profiles = _split(self._profiles, limit)
         if profiles:
             table = arrow_table(profiles, PROFILE_COLUMNS, PROFILE_OPTIONAL_TYPES)
             yield self._routed(table, settings.PROFILES_TABLE)

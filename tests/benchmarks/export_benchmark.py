@@ -994,7 +994,7 @@ def default_run(runs: Sequence[MeasuredExport]) -> MeasuredExport:
 
 
 def fewer_workers_run(sim: SimulatorProcess, plan: Plan, root: Path) -> MeasuredExport:
-    """The default export again with 2 extract workers instead of dlt's 5.
+    """The default export again with `FEWER_WORKERS` extract workers instead of dlt's 5.
 
     With no network latency (limits off, a local simulator) five threads contend for the GIL
     and spend CPU on it; against Klaviyo each request waits a few hundred milliseconds, and
