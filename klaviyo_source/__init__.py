@@ -17,8 +17,9 @@ from . import settings
 from .client import KlaviyoClient
 from .errors import KlaviyoConfigError
 from .filters import segment_selection
+from .handed_on import HandedOn
 from .held import HeldData
-from .memberships import MembershipOptions, ProfilesSeen, sync_listed_segment
+from .memberships import MembershipOptions, sync_listed_segment
 from .rate_limits import RateLimiter
 from .rows import (
     SEGMENT_COLUMNS,
@@ -85,13 +86,13 @@ def klaviyo(
     client = KlaviyoClient(api_key, base_url, revision, rate_limiter=limiter)
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
     run_started = datetime.now(timezone.utc)
-    profiles_seen = ProfilesSeen()
+    handed_on = HandedOn()
 
     @dlt.resource(name="segment_listing", selected=False)
     def segment_listing() -> Iterator[ListedSegment]:
         # Failures are per run: a segment that failed last time and works now is no failure.
         dlt.current.source_state()[settings.FAILURES_STATE_KEY] = {}
-        profiles_seen.clear()
+        handed_on.clear()
         # The run has set its file format by now, on the source's copy of the resource.
         declare_walk_tables(dlt.current.source().resources["segment_memberships"])
         quiet_json_column_notices("segment_memberships")
@@ -136,7 +137,7 @@ def klaviyo(
             dlt.current.resource_state(),
             dlt.current.source_state()[settings.FAILURES_STATE_KEY],
             run_started,
-            profiles_seen,
+            handed_on,
             dlt.current.load_package_state()["load_id"],
         )
 

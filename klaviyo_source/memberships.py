@@ -12,13 +12,16 @@ held finds leaves, and also joins the incremental pass missed. A leave happened 
 membership was last seen present and before this walk saw it gone: both bounds are kept. A walk
 is due when Klaviyo's `profile_count` disagrees with the members held, on a schedule, or on
 demand; never while the segment `is_processing`, when its membership is in flux.
+
+One load holds each membership at most once. A member listed twice in one walk (it re-joined
+while the walk ran) is loaded as first seen, and the cursor stops before its re-join so that
+the next run loads the new period.
 """
 
 import logging
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from requests.exceptions import RequestException
 
@@ -32,12 +35,16 @@ from .errors import (
     KlaviyoPermissionError,
 )
 from .filters import joined_after
+from .handed_on import HandedOn, Take
 from .held import HeldData, HeldMembership
 from .rows import Row, membership_row, parse_datetime, profile_row
 from .segment_listing import ListedSegment
 from .walk_tables import WalkBatch
 
 logger = logging.getLogger(__name__)
+
+# Filters are sent in whole seconds: a second before a join keeps it inside `greater-than`.
+CURSOR_BEFORE_REJOIN = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -118,29 +125,6 @@ class SyncStats:
     reconciled: bool = False
 
 
-class ProfilesSeen:
-    """Profiles already emitted in this run, shared by the parallel segment walks.
-
-    A profile in twenty segments is fetched twenty times; loading it once keeps the load small
-    and keeps append-only destinations (plain parquet files) free of copies.
-    """
-
-    def __init__(self) -> None:
-        self._ids: Set[str] = set()
-        self._lock = threading.Lock()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._ids.clear()
-
-    def first_seen(self, profiles: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """The profiles (rows or resources) not emitted before in this run, marked emitted."""
-        with self._lock:
-            fresh = [row for row in profiles if row["id"] not in self._ids]
-            self._ids.update(row["id"] for row in fresh)
-        return fresh
-
-
 @dataclass
 class SegmentSync:
     """Everything one segment's sync needs; `run()` yields its table rows page by page."""
@@ -154,13 +138,14 @@ class SegmentSync:
     held_count: int
     options: MembershipOptions
     now: datetime
-    profiles_seen: "ProfilesSeen"
+    handed_on: HandedOn
     load_id: str
 
     def __post_init__(self) -> None:
         self.stats = SyncStats()
         self._batch = WalkBatch(self.load_id)
-        self._loaded: set[str] = set()  # profiles whose membership this run already loaded
+        # The earliest join seen a second time in this walk (a re-join while it ran).
+        self._rejoined_during_walk: Optional[datetime] = None
 
     def run(self) -> Iterator[Any]:
         yield from self._incremental_pass()
@@ -207,18 +192,25 @@ class SegmentSync:
         self, resources: List[Dict[str, Any]], held: Dict[str, HeldMembership]
     ) -> Iterator[Any]:
         """Rows for the members of one page that are new, re-joined or not yet loaded."""
-        memberships: List[Row] = []
-        ended_earlier: List[Row] = []
-        profiles: List[Dict[str, Any]] = []
+        listed = []
         for resource in resources:
-            profile_id = resource["id"]
             joined = parse_datetime(resource["attributes"]["joined_group_at"])
             if self.stats.newest is None or joined > self.stats.newest:
                 self.stats.newest = joined
-            previous = held.get(profile_id)
+            previous = held.get(resource["id"])
+            unchanged = previous is not None and previous.joined_group_at == joined
+            if unchanged and self.cursor is not None:
+                continue  # fetched again by the lookback window, already loaded as it is
+            listed.append((resource, joined, previous))
+        taken = self.handed_on.take(self.segment_id, [resource["id"] for resource, _, _ in listed])
+        memberships: List[Row] = []
+        ended_earlier: List[Row] = []
+        profiles: List[Row] = []
+        for (resource, joined, previous), take in zip(listed, taken, strict=True):
+            if take is Take.REPEAT:
+                self._seen_again(joined)
+                continue
             if previous is not None and previous.joined_group_at == joined:
-                if self.cursor is not None:
-                    continue  # fetched again by the lookback window, already loaded as it is
                 first_seen = previous.first_seen_at  # cursor was reset: reload, keep history
             else:
                 first_seen = self.now
@@ -227,15 +219,34 @@ class SegmentSync:
                 else:
                     # A re-join: the earlier period ended before this join.
                     ended_earlier.append(self._ended(previous, joined, "rejoined"))
-            row = membership_row(self.segment_id, profile_id, joined, first_seen, self.now)
-            if self.cursor is not None:  # only a run that may reconcile needs to remember
-                self._loaded.add(profile_id)
-            memberships.append(row)
-            if self.options.include_profiles:
-                profiles.append(resource)
-        # Shaping a profile costs more than the rest of its row: only first sightings are.
-        fresh = [profile_row(resource) for resource in self.profiles_seen.first_seen(profiles)]
-        yield from self._emit(memberships, ended_earlier, fresh)
+            memberships.append(
+                membership_row(self.segment_id, resource["id"], joined, first_seen, self.now)
+            )
+            # Shaping a profile costs more than the rest of its row: only first sightings are.
+            if take is Take.PROFILE and self.options.include_profiles:
+                profiles.append(profile_row(resource))
+        yield from self._emit(memberships, ended_earlier, profiles)
+
+    def _seen_again(self, joined: datetime) -> None:
+        """A member listed a second time in one walk: its first sighting is the one loaded.
+
+        Keyset paging over a live segment lists a member again when it re-joins while the walk
+        runs. Its new period waits for the next run, whose incremental pass must then start
+        before this join; a repeat older than the lookback window cannot be such a re-join.
+        """
+        if self.stats.reconciled or joined < self.now - self.options.lookback:
+            # A repeat in a reconciliation walk joined after the incremental pass began,
+            # and the next pass lists it anyway; an older one cannot be a re-join.
+            return
+        if self._rejoined_during_walk is None or joined < self._rejoined_during_walk:
+            self._rejoined_during_walk = joined
+
+    @property
+    def cursor_limit(self) -> Optional[datetime]:
+        """Where the cursor must stop so the next run lists this walk's re-joins again."""
+        if self._rejoined_during_walk is None:
+            return None
+        return self._rejoined_during_walk - CURSOR_BEFORE_REJOIN
 
     def _emit(
         self, memberships: List[Row], ended_earlier: List[Row], profiles: List[Row]
@@ -274,10 +285,18 @@ class SegmentSync:
         remaining = self.held.members(self.segment_id)
         for resources in self._walk(None):
             page_held = {r["id"]: remaining.pop(r["id"]) for r in resources if r["id"] in remaining}
-            # Joins the incremental pass loaded a moment ago are not held yet: skip them.
-            unseen = [r for r in resources if r["id"] not in self._loaded]
-            yield from self._changes(unseen, page_held)
-        ended = [self._ended(held, self.now, "left") for held in remaining.values()]
+            # Joins the incremental pass loaded a moment ago are not held yet; they come back
+            # as repeats and are skipped.
+            yield from self._changes(resources, page_held)
+        # A member the incremental pass loaded and this walk no longer lists left during the
+        # run: its row of this load stands, and the next reconciliation ends it.
+        gone = list(remaining)
+        loaded = self.handed_on.handed_on(self.segment_id, gone)
+        ended = [
+            self._ended(remaining[profile_id], self.now, "left")
+            for profile_id, loaded_this_run in zip(gone, loaded, strict=True)
+            if not loaded_this_run
+        ]
         self.stats.left += len(ended)
         yield from self._emit(ended, [], [])
 
@@ -324,16 +343,21 @@ def close_segment(
 
 
 def next_cursor(
-    cursor: Optional[datetime], newest: Optional[datetime], now: datetime
+    cursor: Optional[datetime],
+    newest: Optional[datetime],
+    now: datetime,
+    limit: Optional[datetime] = None,
 ) -> Optional[datetime]:
     """The cursor after a complete pass: the newest join seen, never in the future.
 
     A cursor in the future would make every later `greater-than` filter fail with a 400.
+    `limit` keeps it before a join the pass saw but did not load.
     """
     candidates = [value for value in (cursor, newest) if value is not None]
     if not candidates:
         return None
-    return min(max(candidates), now)
+    moved = min(max(candidates), now)
+    return moved if limit is None else min(moved, limit)
 
 
 def sync_listed_segment(
@@ -343,7 +367,7 @@ def sync_listed_segment(
     state: Dict[str, Any],
     failures: Dict[str, str],
     now: datetime,
-    profiles_seen: ProfilesSeen,
+    handed_on: HandedOn,
     load_id: str,
 ) -> Iterator[Any]:
     """Sync one listed segment and move its cursor; a failure is recorded, not raised.
@@ -376,7 +400,7 @@ def sync_listed_segment(
         held_count=listed.held_count,
         options=options,
         now=now,
-        profiles_seen=profiles_seen,
+        handed_on=handed_on,
         load_id=load_id,
     )
     try:
@@ -394,7 +418,9 @@ def sync_listed_segment(
         logger.error(failures[listed.id])
         yield from sync.gathered()
         return
-    moved = next_cursor(sync.cursor, sync.stats.newest, datetime.now(timezone.utc))
+    moved = next_cursor(
+        sync.cursor, sync.stats.newest, datetime.now(timezone.utc), sync.cursor_limit
+    )
     if moved is not None:
         cursors[listed.id] = moved.isoformat()
     if sync.walked_in_full:

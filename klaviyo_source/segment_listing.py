@@ -55,17 +55,21 @@ def list_segments(
     fails the run before any segment is walked.
     """
     counts = held.member_counts()
-    live = [
-        ListedSegment(
-            id=resource["id"],
-            held=held,
-            held_count=counts.get(resource["id"], 0),
-            resource=resource,
-        )
-        for document in client.get_segments(filter=selection_filter, include=["tags"])
-        for resource in document.get("data") or []
-    ]
-    listed = {segment.id for segment in live}
+    # Keyed by id: a segment listed on two pages is walked once.
+    live_by_id: Dict[str, ListedSegment] = {}
+    for document in client.get_segments(filter=selection_filter, include=["tags"]):
+        for resource in document.get("data") or []:
+            live_by_id.setdefault(
+                resource["id"],
+                ListedSegment(
+                    id=resource["id"],
+                    held=held,
+                    held_count=counts.get(resource["id"], 0),
+                    resource=resource,
+                ),
+            )
+    live = list(live_by_id.values())
+    listed = set(live_by_id)
     held_live = held.live_segments()
     unknown = [
         value

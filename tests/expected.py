@@ -17,7 +17,7 @@ def utc(value: datetime) -> datetime:
 
 def query(pipeline: dlt.Pipeline, sql: str) -> List[Tuple[Any, ...]]:
     with pipeline.sql_client() as client:
-        return [tuple(row) for row in client.execute_sql(sql)]
+        return [tuple(row) for row in client.execute_sql(sql) or []]
 
 
 def loaded_memberships(pipeline: dlt.Pipeline) -> Memberships:
@@ -92,7 +92,8 @@ def table_snapshot(pipeline: dlt.Pipeline, table: str) -> List[Tuple[Any, ...]]:
         ]
         quoted = ", ".join(f'"{name}"' for name in columns)
         return sorted(
-            (tuple(row) for row in client.execute_sql(f"SELECT {quoted} FROM {table}")), key=repr
+            (tuple(row) for row in client.execute_sql(f"SELECT {quoted} FROM {table}") or []),
+            key=repr,
         )
 
 

@@ -1,5 +1,7 @@
 """Profiles leaving segments: found, dated within bounds, kept as history; only due walks."""
 
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Dict, List, Tuple
 
@@ -176,6 +178,84 @@ def test_join_leave_join_between_two_runs_closes_the_earlier_period(
     assert closed[3] == "rejoined" and utc(closed[2]) == rejoined_at
     assert utc(closed[1]) <= before
     assert utc(current[0]) == rejoined_at and current[2] is None
+
+
+def _rejoin_once_the_walk_has_started(
+    simulator: KlaviyoSimulator, segment_id: str, profile_id: str
+) -> Tuple[threading.Thread, List[int]]:
+    """Re-join a member as soon as the first page of its segment was served.
+
+    Returns the thread and, once it ran, how many pages had been served at that moment.
+    """
+    pages_served_then: List[int] = []
+
+    def pages() -> int:
+        return sum(
+            1
+            for record in list(simulator.request_log)
+            if record.operation == "get_segment_profiles" and segment_id in record.path
+        )
+
+    def rejoin() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and pages() == 0:
+            time.sleep(0.002)
+        simulator.account.rejoin(segment_id, profile_id)
+        pages_served_then.append(pages())
+
+    thread = threading.Thread(target=rejoin, daemon=True)
+    thread.start()
+    return thread, pages_served_then
+
+
+def test_a_member_listed_twice_in_one_walk_is_loaded_once_and_its_rejoin_next_run(
+    account: Account, simulator: KlaviyoSimulator, source_for: Callable, make_pipeline: Callable
+) -> None:
+    segment_id = _settled_segments(account)[0]
+    members = account.members(segment_id)
+    assert len(members) > 200, "the walk needs several pages"
+    first_listed = min(members, key=lambda profile_id: (members[profile_id], profile_id))
+    first_joined = members[first_listed]
+    # The second page is held back long enough for the re-join to land before it is read:
+    # keyset paging then lists the member again on the last page, with its new join.
+    simulator.inject_fault("slow", times=1, path_contains="page%5Bcursor%5D", delay=1.0)
+    rejoiner, pages_served_then = _rejoin_once_the_walk_has_started(
+        simulator, segment_id, first_listed
+    )
+    pipeline = make_pipeline()
+
+    pipeline.run(source_for(segment_ids=[segment_id]))
+    rejoiner.join()
+
+    assert pages_served_then == [1]
+    rejoined_at = account.members(segment_id)[first_listed]
+    for table, key in (
+        ("segment_memberships", "membership_id"),
+        ("segment_membership_periods", "period_id"),
+    ):
+        repeated = query(pipeline, f"SELECT {key} FROM {table} GROUP BY 1 HAVING count(*) > 1")
+        assert repeated == [], table
+    loaded = loaded_memberships(pipeline)[segment_id]
+    assert loaded[first_listed] == first_joined  # its first sighting
+    cursor = pipeline.state["sources"]["klaviyo"]["resources"]["segment_memberships"][
+        "joined_group_at"
+    ][segment_id]
+    assert datetime.fromisoformat(cursor) < rejoined_at
+
+    pipeline.run(source_for(segment_ids=[segment_id]))
+
+    assert loaded_memberships(pipeline)[segment_id] == account.members(segment_id)
+    periods = query(
+        pipeline,
+        "SELECT joined_group_at, left_at_latest, left_reason FROM segment_membership_periods "
+        f"WHERE segment_id = '{segment_id}' AND profile_id = '{first_listed}' "
+        "ORDER BY joined_group_at",
+    )
+    assert [(utc(joined), reason) for joined, _, reason in periods] == [
+        (first_joined, "rejoined"),
+        (rejoined_at, None),
+    ]
+    assert utc(periods[0][1]) == rejoined_at
 
 
 def test_emptied_segment_ends_every_membership(
