@@ -133,7 +133,7 @@ def _duckdb_settings(env: Dict[str, str]) -> str:
 
 
 def test_script_caps_duckdb_memory_unless_configured(user_env: Dict[str, str]) -> None:
-    assert _duckdb_settings(user_env) == "244.1 MiB False"  # 256MB
+    assert _duckdb_settings(user_env) == "122.0 MiB False"  # 128MB
 
     user_env["DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG"] = '{"memory_limit": "1GB"}'
     assert _duckdb_settings(user_env) == "953.6 MiB True"  # the user's alone

@@ -488,7 +488,7 @@ def run_export(job: ExportJob) -> ExportResult:
     if job.extract_workers is not None:
         os.environ["EXTRACT__WORKERS"] = str(job.extract_workers)
     # The memory settings of pipelines/klaviyo_pipeline.py: Arrow's system allocator (set on
-    # import, before pyarrow loads) and DuckDB's memory cap.
+    # import, before pyarrow loads), DuckDB's memory cap and freed memory handed back.
     sys.path.insert(0, str(ROOT / "pipelines"))
     import klaviyo_pipeline
 
@@ -497,7 +497,9 @@ def run_export(job: ExportJob) -> ExportResult:
     pipeline = make_pipeline(job)
     source = make_source(job)
     profiler = AllThreadsProfile() if job.profile_to else nullcontext()
-    with RssTimeline() as rss, profiler:
+    from klaviyo_source.process_memory import returning_freed_memory
+
+    with RssTimeline() as rss, profiler, returning_freed_memory():
         cpu_started, started = time.process_time(), time.perf_counter()
         load_info = pipeline.run(source, loader_file_format=job.loader_file_format)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
