@@ -54,6 +54,9 @@ DUCKDB_GLOBAL_CONFIG = "destination.duckdb.credentials.global_config"
 # ran out of memory; 128 MB leaves room for wider profiles than the simulator's. Insertion
 # order is not kept: dlt does not need it, and it costs memory.
 DUCKDB_SETTINGS = {"memory_limit": "128MB", "preserve_insertion_order": False}
+# DuckDB reads each jsonl or csv file through a 32 MB buffer of its own, and dlt loads every
+# table's file at once: under 128 MB a 1M jsonl load failed. Text formats get more room.
+DUCKDB_TEXT_FORMAT_MEMORY_LIMIT = "512MB"
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -146,8 +149,11 @@ def cap_duckdb_memory(args: argparse.Namespace) -> None:
     """
     if args.destination != "duckdb" or dlt.secrets.get(DUCKDB_GLOBAL_CONFIG) is not None:
         return
+    settings = dict(DUCKDB_SETTINGS)
+    if getattr(args, "loader_file_format", None) not in (None, "parquet"):
+        settings["memory_limit"] = DUCKDB_TEXT_FORMAT_MEMORY_LIMIT
     variable = DUCKDB_GLOBAL_CONFIG.replace(".", "__").upper()
-    os.environ[variable] = json.dumps(DUCKDB_SETTINGS)
+    os.environ[variable] = json.dumps(settings)
 
 
 def load_klaviyo(args: argparse.Namespace, source_overrides: Dict[str, Any]) -> LoadInfo:

@@ -116,7 +116,10 @@ import argparse, sys
 sys.path.insert(0, "pipelines")
 import klaviyo_pipeline
 import dlt
-klaviyo_pipeline.cap_duckdb_memory(argparse.Namespace(destination="duckdb"))
+file_format = sys.argv[1] if len(sys.argv) > 1 else None
+klaviyo_pipeline.cap_duckdb_memory(
+    argparse.Namespace(destination="duckdb", loader_file_format=file_format)
+)
 pipeline = dlt.pipeline(pipeline_name="probe", destination="duckdb", dataset_name="probe")
 with pipeline.sql_client() as client:
     limit, ordered = client.execute_sql(
@@ -126,14 +129,16 @@ print(limit, ordered)
 """
 
 
-def _duckdb_settings(env: Dict[str, str]) -> str:
-    probe = _run([sys.executable, "-c", _DUCKDB_SETTINGS_PROBE], env)
+def _duckdb_settings(env: Dict[str, str], *file_format: str) -> str:
+    probe = _run([sys.executable, "-c", _DUCKDB_SETTINGS_PROBE, *file_format], env)
     assert probe.returncode == 0, probe.stderr
     return probe.stdout.strip()
 
 
 def test_script_caps_duckdb_memory_unless_configured(user_env: Dict[str, str]) -> None:
     assert _duckdb_settings(user_env) == "122.0 MiB False"  # 128MB
+    # jsonl files are read through 32 MB buffers, one per table loaded at once
+    assert _duckdb_settings(user_env, "jsonl") == "488.2 MiB False"  # 512MB
 
     user_env["DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG"] = '{"memory_limit": "1GB"}'
     assert _duckdb_settings(user_env) == "953.6 MiB True"  # the user's alone

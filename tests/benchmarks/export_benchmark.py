@@ -492,7 +492,9 @@ def run_export(job: ExportJob) -> ExportResult:
     sys.path.insert(0, str(ROOT / "pipelines"))
     import klaviyo_pipeline
 
-    klaviyo_pipeline.cap_duckdb_memory(argparse.Namespace(destination="duckdb"))
+    klaviyo_pipeline.cap_duckdb_memory(
+        argparse.Namespace(destination="duckdb", loader_file_format=job.loader_file_format)
+    )
     code = source_hash()  # before the import below: the code this export runs
     pipeline = make_pipeline(job)
     source = make_source(job)
