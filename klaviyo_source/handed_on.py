@@ -49,7 +49,7 @@ class HandedOn:
                 taken.append(Take.MEMBERSHIP if segments else Take.PROFILE)
             return taken
 
-    def handed_on(self, segment_id: str, profile_ids: Sequence[str]) -> List[bool]:
+    def taken_in(self, segment_id: str, profile_ids: Sequence[str]) -> List[bool]:
         """Whether each member of `segment_id` was handed on in this run."""
         with self._lock:
             bit = self._bit(segment_id)

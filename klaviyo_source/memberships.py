@@ -201,16 +201,16 @@ class SegmentSync:
             unchanged = previous is not None and previous.joined_group_at == joined
             if unchanged and self.cursor is not None:
                 continue  # fetched again by the lookback window, already loaded as it is
-            listed.append((resource, joined, previous))
-        taken = self.handed_on.take(self.segment_id, [resource["id"] for resource, _, _ in listed])
+            listed.append((resource, joined, previous, unchanged))
+        taken = self.handed_on.take(self.segment_id, [listing[0]["id"] for listing in listed])
         memberships: List[Row] = []
         ended_earlier: List[Row] = []
         profiles: List[Row] = []
-        for (resource, joined, previous), take in zip(listed, taken, strict=True):
+        for (resource, joined, previous, unchanged), take in zip(listed, taken, strict=True):
             if take is Take.REPEAT:
                 self._seen_again(joined)
                 continue
-            if previous is not None and previous.joined_group_at == joined:
+            if previous is not None and unchanged:
                 first_seen = previous.first_seen_at  # cursor was reset: reload, keep history
             else:
                 first_seen = self.now
@@ -232,11 +232,11 @@ class SegmentSync:
 
         Keyset paging over a live segment lists a member again when it re-joins while the walk
         runs. Its new period waits for the next run, whose incremental pass must then start
-        before this join; a repeat older than the lookback window cannot be such a re-join.
+        before this join. A repeat older than the lookback window cannot be such a re-join, and
+        one in a reconciliation walk joined after this run's incremental pass, so the next
+        pass lists it anyway.
         """
         if self.stats.reconciled or joined < self.now - self.options.lookback:
-            # A repeat in a reconciliation walk joined after the incremental pass began,
-            # and the next pass lists it anyway; an older one cannot be a re-join.
             return
         if self._rejoined_during_walk is None or joined < self._rejoined_during_walk:
             self._rejoined_during_walk = joined
@@ -291,7 +291,7 @@ class SegmentSync:
         # A member the incremental pass loaded and this walk no longer lists left during the
         # run: its row of this load stands, and the next reconciliation ends it.
         gone = list(remaining)
-        loaded = self.handed_on.handed_on(self.segment_id, gone)
+        loaded = self.handed_on.taken_in(self.segment_id, gone)
         ended = [
             self._ended(remaining[profile_id], self.now, "left")
             for profile_id, loaded_this_run in zip(gone, loaded, strict=True)

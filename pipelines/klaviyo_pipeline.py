@@ -150,7 +150,7 @@ def cap_duckdb_memory(args: argparse.Namespace) -> None:
     if args.destination != "duckdb" or dlt.secrets.get(DUCKDB_GLOBAL_CONFIG) is not None:
         return
     settings = dict(DUCKDB_SETTINGS)
-    if getattr(args, "loader_file_format", None) not in (None, "parquet"):
+    if args.loader_file_format not in (None, "parquet"):
         settings["memory_limit"] = DUCKDB_TEXT_FORMAT_MEMORY_LIMIT
     variable = DUCKDB_GLOBAL_CONFIG.replace(".", "__").upper()
     os.environ[variable] = json.dumps(settings)
