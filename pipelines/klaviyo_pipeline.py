@@ -38,7 +38,7 @@ from dlt.pipeline.exceptions import PipelineStepFailed
 
 from klaviyo_source import klaviyo
 from klaviyo_source.errors import KlaviyoError
-from klaviyo_source.process_memory import returning_freed_memory
+from klaviyo_source.process_memory import managed_for_an_export
 from klaviyo_source.summary import failed_segments, membership_summary
 from klaviyo_source.views import create_views
 
@@ -176,7 +176,7 @@ def run_and_report(pipeline: dlt.Pipeline, source: Any, args: argparse.Namespace
     if pipeline.has_pending_data:
         # dlt's run() then only finishes those packages; new changes wait for the next run.
         print("Finishing the load an interrupted run left; run again to fetch new changes.")
-    with returning_freed_memory():
+    with managed_for_an_export():
         load_info = pipeline.run(
             source,
             refresh="drop_sources" if args.full_refresh else None,  # type: ignore[arg-type]

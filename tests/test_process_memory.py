@@ -1,7 +1,10 @@
-"""returning_freed_memory: glibc hands freed memory back while a block runs, and only then."""
+"""process_memory: while a block runs, glibc hands freed memory back and the cycle collector
+skips what existed before it; afterwards both are as they were."""
 
+import gc
 import threading
 import time
+import weakref
 
 from klaviyo_source import process_memory
 
@@ -33,3 +36,40 @@ def test_without_malloc_trim_the_block_runs_untouched(monkeypatch) -> None:
     monkeypatch.setattr(process_memory, "_malloc_trim", lambda: None)
     with process_memory.returning_freed_memory(every=0.01):
         assert _trimmers() == []
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.peer: object = self
+
+
+def test_objects_from_before_the_block_are_left_alone_by_the_collector_until_it_ends() -> None:
+    assert gc.get_freeze_count() == 0
+    before = ["made before the block"]
+    garbage = weakref.ref(_Node())  # a cycle nothing refers to: only the collector frees it
+    with process_memory.sparing_the_collector():
+        assert garbage() is None  # collected, not frozen for the whole run
+        during = ["made in the block"]
+        assert gc.get_freeze_count() > 1000  # the imports of dlt and pyarrow, among others
+        assert not any(obj is before for obj in gc.get_objects())
+        assert any(obj is during for obj in gc.get_objects())
+    assert gc.get_freeze_count() == 0
+    assert any(obj is before for obj in gc.get_objects())
+
+
+def test_objects_a_host_froze_stay_frozen() -> None:
+    gc.freeze()
+    try:
+        host_frozen = gc.get_freeze_count()
+        with process_memory.sparing_the_collector():
+            assert gc.get_freeze_count() >= host_frozen
+        assert gc.get_freeze_count() >= host_frozen > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_an_export_gets_both_settings(monkeypatch) -> None:
+    monkeypatch.setattr(process_memory, "_malloc_trim", lambda: lambda pad: 0)
+    with process_memory.managed_for_an_export(trim_every=0.01):
+        assert gc.get_freeze_count() > 0 and len(_trimmers()) == 1
+    assert gc.get_freeze_count() == 0 and _trimmers() == []

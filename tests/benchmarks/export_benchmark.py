@@ -499,9 +499,9 @@ def run_export(job: ExportJob) -> ExportResult:
     pipeline = make_pipeline(job)
     source = make_source(job)
     profiler = AllThreadsProfile() if job.profile_to else nullcontext()
-    from klaviyo_source.process_memory import returning_freed_memory
+    from klaviyo_source.process_memory import managed_for_an_export
 
-    with RssTimeline() as rss, profiler, returning_freed_memory():
+    with RssTimeline() as rss, profiler, managed_for_an_export():
         cpu_started, started = time.process_time(), time.perf_counter()
         load_info = pipeline.run(source, loader_file_format=job.loader_file_format)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
