@@ -191,14 +191,16 @@ def _split(rows: List[Row], limit: Optional[int]) -> tuple[List[Row], List[Row]]
     return rows[:limit], rows[limit:]
 
 
-# A period is a membership from one join: its id is the membership's plus the join time, in
-# ISO 8601 with microseconds (`...:2024-05-01T03:04:05.000123+00:00`).
-_PERIOD_STAMP = "%Y-%m-%dT%H:%M:%S+00:00"  # %S carries the microseconds of a `us` timestamp
-
-
 def with_period_ids(memberships: pa.Table) -> pa.Table:
-    """Membership rows as period rows: `period_id` put first."""
-    stamps = pc.strftime(memberships.column("joined_group_at"), format=_PERIOD_STAMP)
+    """Membership rows as period rows: `period_id` put first.
+
+    A period is a membership from one join: its id is the membership's plus the join time in
+    ISO 8601 with microseconds (`...:2024-05-01T03:04:05.000123+00:00`).
+    """
+    # The UTC clock reading written without a zone (`2024-05-01 03:04:05.000123`, always six
+    # digits) is the same text as `strftime` gives, at a tenth of its cost.
+    clock = memberships.column("joined_group_at").cast(pa.timestamp("us")).cast(pa.string())
+    stamps = pc.binary_join_element_wise(pc.replace_substring(clock, " ", "T"), "+00:00", "")
     ids = pc.binary_join_element_wise(memberships.column("membership_id"), stamps, ":")
     return memberships.add_column(0, pa.field("period_id", pa.string(), nullable=False), ids)
 

@@ -47,3 +47,21 @@ def test_tables_stay_within_their_sizes_and_keep_every_row() -> None:
     assert len(profiles) > len(memberships)
     load_ids = {i for table in profiles for i in table.column("_dlt_load_id").to_pylist()}
     assert load_ids == {"load-1"}
+
+
+def test_a_period_id_is_the_membership_id_and_the_join_in_iso_8601_with_microseconds() -> None:
+    joins = [
+        datetime(2024, 5, 1, 3, 4, 5, tzinfo=timezone.utc),
+        datetime(2024, 5, 1, 3, 4, 5, 123, tzinfo=timezone.utc),
+        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+        NOW,
+    ]
+    rows = [membership_row("SEG", f"P{n}", joined, NOW, NOW) for n, joined in enumerate(joins)]
+    batch = WalkBatch("load-1")
+    periods = _tables(list(batch.add(rows, [], [])) + list(batch.flush()))
+    period_ids = periods[settings.PERIODS_TABLE][0].column("period_id").to_pylist()
+
+    assert period_ids == [
+        f"SEG:P{n}:{joined.isoformat(timespec='microseconds')}" for n, joined in enumerate(joins)
+    ]
+    assert period_ids[0] == "SEG:P0:2024-05-01T03:04:05.000000+00:00"
