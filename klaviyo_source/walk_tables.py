@@ -120,6 +120,8 @@ class WalkBatch:
 
     Every membership row is also the row of its period, so a batch holds memberships and,
     apart, only the periods no membership row describes any more (one a re-join ended).
+    Membership rows are turned into Arrow every `arrow_every` rows while the batch fills: as
+    Python rows they take several times the memory, and every extract worker holds a batch.
     Each table is stamped with the run's load id and routed to its walk table.
     """
 
@@ -128,11 +130,15 @@ class WalkBatch:
         load_id: str,
         size: int = settings.WALK_BATCH_ROWS,
         profiles_size: int = settings.WALK_BATCH_PROFILES,
+        arrow_every: int = settings.WALK_ARROW_ROWS,
     ) -> None:
         self.load_id = load_id
         self.size = size
         self.profiles_size = profiles_size
+        self.arrow_every = arrow_every
         self._memberships: List[Row] = []
+        self._membership_tables: List[pa.Table] = []
+        self._membership_table_rows = 0
         self._ended_earlier: List[Row] = []
         self._profiles: List[Row] = []
 
@@ -144,11 +150,13 @@ class WalkBatch:
         `ended_earlier`: membership rows of periods that ended before a membership's re-join.
         """
         self._memberships.extend(memberships)
+        if len(self._memberships) >= self.arrow_every:
+            self._memberships_to_arrow()
         self._ended_earlier.extend(ended_earlier)
         self._profiles.extend(profiles)
         # Each kind is handed on when its own batch is full: a flush of one would otherwise
         # cut the other's tables short.
-        while max(len(self._memberships), len(self._ended_earlier)) >= self.size:
+        while max(self._held_memberships(), len(self._ended_earlier)) >= self.size:
             yield from self._take_memberships(self.size)
         while len(self._profiles) >= self.profiles_size:
             yield from self._take_profiles(self.profiles_size)
@@ -158,13 +166,36 @@ class WalkBatch:
         yield from self._take_memberships(None)
         yield from self._take_profiles(None)
 
+    def _held_memberships(self) -> int:
+        return self._membership_table_rows + len(self._memberships)
+
+    def _memberships_to_arrow(self) -> None:
+        if self._memberships:
+            table = arrow_table(self._memberships, MEMBERSHIP_COLUMNS)
+            self._membership_tables.append(table)
+            self._membership_table_rows += table.num_rows
+            self._memberships = []
+
+    def _taken_membership_table(self, limit: Optional[int]) -> pa.Table:
+        """Up to `limit` held memberships as one table; the rest stay held."""
+        self._memberships_to_arrow()
+        if not self._membership_tables:
+            return arrow_table([], MEMBERSHIP_COLUMNS)
+        held = pa.concat_tables(self._membership_tables)
+        if limit is None or held.num_rows <= limit:
+            taken, rest = held, held.slice(0, 0)
+        else:
+            taken, rest = held.slice(0, limit), held.slice(limit)
+        self._membership_tables = [rest] if rest.num_rows else []
+        self._membership_table_rows = rest.num_rows
+        return taken
+
     def _take_memberships(self, limit: Optional[int]) -> Iterator[Any]:
-        memberships, self._memberships = _split(self._memberships, limit)
+        membership_table = self._taken_membership_table(limit)
         ended_earlier, self._ended_earlier = _split(self._ended_earlier, limit)
-        membership_table = arrow_table(memberships, MEMBERSHIP_COLUMNS)
-        if memberships:
+        if membership_table.num_rows:
             yield self._routed(membership_table, settings.MEMBERSHIPS_TABLE)
-        if memberships or ended_earlier:
+        if membership_table.num_rows or ended_earlier:
             periods = pa.concat_tables(
                 [membership_table, arrow_table(ended_earlier, MEMBERSHIP_COLUMNS)]
             )

@@ -49,6 +49,27 @@ def test_tables_stay_within_their_sizes_and_keep_every_row() -> None:
     assert load_ids == {"load-1"}
 
 
+def test_memberships_turned_into_arrow_as_they_come_keep_their_order_and_table_sizes() -> None:
+    # 13 divides neither the table size nor a page: tables are cut across the Arrow pieces.
+    batch = WalkBatch("load-1", size=50, profiles_size=7, arrow_every=13)
+    rows = _memberships(137)
+    rejoined = membership_row("SEG", "P0", NOW, NOW, NOW, left_at_latest=NOW, left_reason="x")
+    items: List[Any] = []
+    for start in range(0, len(rows), 9):
+        ended = [rejoined] if start == 0 else []
+        items += list(batch.add(rows[start : start + 9], ended, []))
+    items += list(batch.flush())
+
+    tables = _tables(items)
+    memberships = tables[settings.MEMBERSHIPS_TABLE]
+    assert [table.num_rows for table in memberships] == [50, 50, 37]
+    handed_on = [i for table in memberships for i in table.column("membership_id").to_pylist()]
+    assert handed_on == [row["membership_id"] for row in rows]
+    periods = tables[settings.PERIODS_TABLE]
+    assert sum(table.num_rows for table in periods) == 138
+    assert [r for t in periods for r in t.column("left_reason").to_pylist()].count("x") == 1
+
+
 def test_a_period_id_is_the_membership_id_and_the_join_in_iso_8601_with_microseconds() -> None:
     joins = [
         datetime(2024, 5, 1, 3, 4, 5, tzinfo=timezone.utc),
