@@ -26,6 +26,7 @@ os.environ.setdefault("DLT_PROJECT_DIR", str(Path(__file__).resolve().parents[1]
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 import dlt  # noqa: E402
+import duckdb  # noqa: E402
 from dlt.common.configuration.exceptions import (
     ConfigFieldMissingException,
     ConfigurationException,
@@ -39,6 +40,7 @@ from dlt.pipeline.exceptions import PipelineStepFailed
 from klaviyo_source import klaviyo
 from klaviyo_source.errors import KlaviyoError
 from klaviyo_source.process_memory import managed_for_an_export
+from klaviyo_source.settings import WALK_BATCH_PROFILES
 from klaviyo_source.summary import failed_segments, membership_summary
 from klaviyo_source.views import create_views
 
@@ -49,13 +51,20 @@ DUCKDB_CREDENTIALS = "DESTINATION__DUCKDB__CREDENTIALS"
 DUCKDB_GLOBAL_CONFIG = "destination.duckdb.credentials.global_config"
 # DuckDB takes 80 % of the machine's memory by default, and a merge of a million rows used
 # 1.4 GB of it; under a cap it spills to a temporary file instead. Since the walk tables'
-# merges skip deduplication, 1M memberships with profiles load in about 6 s at 128 MB, as at
-# 256 MB, with DuckDB's share of the peak down from about 320 to 185 MB. At 32 MB the profiles
-# ran out of memory; 128 MB leaves room for wider profiles than the simulator's. Insertion
-# order is not kept: dlt does not need it, and it costs memory.
-DUCKDB_SETTINGS = {"memory_limit": "128MB", "preserve_insertion_order": False}
-# DuckDB reads each jsonl or csv file through a 32 MB buffer of its own, and dlt loads every
-# table's file at once: under 128 MB a 1M jsonl load failed. Text formats get more room.
+# merges skip deduplication, 1M memberships with profiles load in about 6 s under 96 MB, with
+# DuckDB's share of the peak about 150 MB (about 200 MB at 128 MB). Each thread reads a row
+# group at once, so the threads are two whatever the machine: under 96 MB, profiles of 20 KB
+# each in 500-row groups loaded with two threads, and 64 MB ran out of memory with eight.
+# Insertion order is not kept: dlt does not need it, and it costs memory.
+DUCKDB_SETTINGS = {"memory_limit": "96MB", "threads": 2, "preserve_insertion_order": False}
+# One table loads at a time, so the cap serves one reader: at 1M, 15 MB less, as fast.
+DUCKDB_LOAD_WORKERS = 1
+LOAD_WORKERS = "load.workers"
+# A parquet reader holds a whole row group, and dlt writes what it has buffered as one: 6,000
+# profiles of 20 KB would not fit under the cap. Flushing every 500 rows (the walk's profile
+# tables) keeps row groups of wide profiles small; membership tables are written whole.
+PARQUET_BUFFER_ROWS = WALK_BATCH_PROFILES
+BUFFER_MAX_ITEMS = "data_writer.buffer_max_items"
 DUCKDB_TEXT_FORMAT_MEMORY_LIMIT = "512MB"
 
 
@@ -142,18 +151,26 @@ def destination_for(args: argparse.Namespace) -> Any:
 
 
 def cap_duckdb_memory(args: argparse.Namespace) -> None:
-    """Give DuckDB a memory limit, unless its `global_config` is configured already.
+    """Bound what a DuckDB load takes; each setting unless configured already.
 
     Set your own with DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG='{"memory_limit": "1GB"}'
-    or `global_config` under [destination.duckdb.credentials] in .dlt/secrets.toml.
+    or `global_config` under [destination.duckdb.credentials] in .dlt/secrets.toml, and
+    LOAD__WORKERS, DATA_WRITER__BUFFER_MAX_ITEMS.
     """
-    if args.destination != "duckdb" or dlt.secrets.get(DUCKDB_GLOBAL_CONFIG) is not None:
+    if args.destination != "duckdb":
         return
+    _set_unless_configured(LOAD_WORKERS, str(DUCKDB_LOAD_WORKERS))
+    _set_unless_configured(BUFFER_MAX_ITEMS, str(PARQUET_BUFFER_ROWS))
     settings = dict(DUCKDB_SETTINGS)
     if args.loader_file_format not in (None, "parquet"):
         settings["memory_limit"] = DUCKDB_TEXT_FORMAT_MEMORY_LIMIT
-    variable = DUCKDB_GLOBAL_CONFIG.replace(".", "__").upper()
-    os.environ[variable] = json.dumps(settings)
+    _set_unless_configured(DUCKDB_GLOBAL_CONFIG, json.dumps(settings))
+
+
+def _set_unless_configured(key: str, value: str) -> None:
+    """Give a dlt setting a value through its environment variable, unless it has one."""
+    if dlt.config.get(key) is None:
+        os.environ[key.replace(".", "__").upper()] = value
 
 
 def load_klaviyo(args: argparse.Namespace, source_overrides: Dict[str, Any]) -> LoadInfo:
@@ -249,8 +266,19 @@ def _root_cause(error: BaseException) -> BaseException:
     # The innermost error says it best: dlt's destination errors wrap the driver's message
     # in a longer, generic one about credentials.
     reason = _innermost(error)
-    what = f"{type(reason).__name__}: {str(reason).strip().rstrip('.')}"
-    return StepFailed(f"The {step} step failed: {what}. {_AFTER_STEP.get(str(step), '')}".strip())
+    if isinstance(reason, duckdb.OutOfMemoryException):
+        # DuckDB's own advice lists SET statements a run of this script cannot issue.
+        what = f"DuckDB ran out of memory ({str(reason).strip().splitlines()[0]}). {_MORE_MEMORY}"
+    else:
+        what = f"{type(reason).__name__}: {str(reason).strip().rstrip('.')}."
+    return StepFailed(f"The {step} step failed: {what} {_AFTER_STEP.get(str(step), '')}".strip())
+
+
+_MORE_MEMORY = (
+    "Give it more with DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG="
+    '\'{"memory_limit": "1GB"}\' or global_config under [destination.duckdb.credentials]'
+    f" (this script's default is {DUCKDB_SETTINGS['memory_limit']})."
+)
 
 
 def _one_line(error: BaseException) -> str:

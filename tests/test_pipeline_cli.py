@@ -34,28 +34,41 @@ def served(account: Account) -> Iterator[KlaviyoSimulator]:
         yield simulator
 
 
+@pytest.fixture
+def served_env(user_env: Dict[str, str], served: KlaviyoSimulator) -> Dict[str, str]:
+    """A user's environment configured for the simulator's account."""
+    return dict(
+        user_env,
+        SOURCES__KLAVIYO__API_KEY=served.api_key,
+        SOURCES__KLAVIYO__BASE_URL=served.base_url,
+    )
+
+
 def _run(args: list, env: Dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
     )
 
 
+def _members_loaded(database: Path) -> int:
+    with duckdb.connect(str(database), read_only=True) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM klaviyo.segment_memberships WHERE is_member"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def test_script_exports_the_account_and_dlt_cli_works_after_it(
-    account: Account, served: KlaviyoSimulator, user_env: Dict[str, str], tmp_path: Path
+    account: Account, served: KlaviyoSimulator, served_env: Dict[str, str], tmp_path: Path
 ) -> None:
-    env = dict(user_env)
-    env["SOURCES__KLAVIYO__API_KEY"] = served.api_key
-    env["SOURCES__KLAVIYO__BASE_URL"] = served.base_url
+    env = served_env
     result = _run([sys.executable, str(SCRIPT)], env)
     assert result.returncode == 0, result.stderr
 
-    with duckdb.connect(str(tmp_path / "export.duckdb"), read_only=True) as connection:
-        loaded = connection.execute(
-            "SELECT count(*) FROM klaviyo.segment_memberships WHERE is_member"
-        ).fetchone()
-    assert loaded is not None
-    assert loaded[0] == sum(len(members) for members in account.memberships().values())
-    assert f"{loaded[0]} memberships" in result.stdout
+    loaded = _members_loaded(tmp_path / "export.duckdb")
+    assert loaded == sum(len(members) for members in account.memberships().values())
+    assert f"{loaded} memberships" in result.stdout
 
     info = _run([str(DLT), "pipeline", "klaviyo_segments", "info"], env)
     assert info.returncode == 0, info.stderr
@@ -125,7 +138,8 @@ with pipeline.sql_client() as client:
     limit, ordered = client.execute_sql(
         "SELECT current_setting('memory_limit'), current_setting('preserve_insertion_order')"
     )[0]
-print(limit, ordered)
+workers, buffered = dlt.config.get("load.workers"), dlt.config.get("data_writer.buffer_max_items")
+print(limit, ordered, workers, buffered)
 """
 
 
@@ -136,12 +150,15 @@ def _duckdb_settings(env: Dict[str, str], *file_format: str) -> str:
 
 
 def test_script_caps_duckdb_memory_unless_configured(user_env: Dict[str, str]) -> None:
-    assert _duckdb_settings(user_env) == "122.0 MiB False"  # 128MB
+    # 96MB; one table loaded at a time; row groups flushed every 500 rows
+    assert _duckdb_settings(user_env) == "91.5 MiB False 1 500"
     # jsonl files are read through 32 MB buffers, one per table loaded at once
-    assert _duckdb_settings(user_env, "jsonl") == "488.2 MiB False"  # 512MB
+    assert _duckdb_settings(user_env, "jsonl") == "488.2 MiB False 1 500"  # 512MB
 
     user_env["DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG"] = '{"memory_limit": "1GB"}'
-    assert _duckdb_settings(user_env) == "953.6 MiB True"  # the user's alone
+    user_env["LOAD__WORKERS"] = "3"
+    user_env["DATA_WRITER__BUFFER_MAX_ITEMS"] = "7000"
+    assert _duckdb_settings(user_env) == "953.6 MiB True 3 7000"  # the user's alone
 
 
 def test_unknown_loader_file_format_is_refused_before_anything_runs(
@@ -154,3 +171,22 @@ def test_unknown_loader_file_format_is_refused_before_anything_runs(
     assert "--loader-file-format: invalid choice: 'xml'" in refused.stderr.splitlines()[-1]
     assert "parquet" in refused.stderr.splitlines()[-1]
     assert not Path(user_env["DESTINATION__DUCKDB__CREDENTIALS"]).exists()
+
+
+def test_duckdb_out_of_memory_names_the_setting_and_the_next_run_loads_what_was_kept(
+    account: Account, served_env: Dict[str, str], tmp_path: Path
+) -> None:
+    env = served_env
+    starved = dict(env, DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG='{"memory_limit": "2MB"}')
+    failed = _run([sys.executable, str(SCRIPT), "--quiet"], starved)
+
+    assert failed.returncode == 1
+    lines = [line for line in failed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, failed.stderr
+    assert "DuckDB ran out of memory" in lines[0]
+    assert "DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG" in lines[0]
+
+    finished = _run([sys.executable, str(SCRIPT), "--quiet"], env)
+    assert finished.returncode == 0, finished.stderr
+    loaded = _members_loaded(tmp_path / "export.duckdb")
+    assert loaded == sum(len(members) for members in account.memberships().values())
