@@ -150,8 +150,8 @@ def _duckdb_settings(env: Dict[str, str], *file_format: str) -> str:
 
 
 def test_script_caps_duckdb_memory_unless_configured(user_env: Dict[str, str]) -> None:
-    # 96MB; one table loaded at a time; row groups flushed every 500 rows
-    assert _duckdb_settings(user_env) == "91.5 MiB False 1 500"
+    # 64MB; one table loaded at a time; row groups flushed every 500 rows
+    assert _duckdb_settings(user_env) == "61.0 MiB False 1 500"
     # jsonl files are read through 32 MB buffers, one per table loaded at once
     assert _duckdb_settings(user_env, "jsonl") == "488.2 MiB False 1 500"  # 512MB
 
