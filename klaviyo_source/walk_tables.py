@@ -138,7 +138,6 @@ class WalkBatch:
         self.arrow_every = arrow_every
         self._memberships: List[Row] = []
         self._membership_tables: List[pa.Table] = []
-        self._membership_table_rows = 0
         self._ended_earlier: List[Row] = []
         self._profiles: List[Row] = []
 
@@ -167,13 +166,12 @@ class WalkBatch:
         yield from self._take_profiles(None)
 
     def _held_memberships(self) -> int:
-        return self._membership_table_rows + len(self._memberships)
+        return sum(table.num_rows for table in self._membership_tables) + len(self._memberships)
 
     def _memberships_to_arrow(self) -> None:
         if self._memberships:
             table = arrow_table(self._memberships, MEMBERSHIP_COLUMNS)
             self._membership_tables.append(table)
-            self._membership_table_rows += table.num_rows
             self._memberships = []
 
     def _taken_membership_table(self, limit: Optional[int]) -> pa.Table:
@@ -182,12 +180,9 @@ class WalkBatch:
         if not self._membership_tables:
             return arrow_table([], MEMBERSHIP_COLUMNS)
         held = pa.concat_tables(self._membership_tables)
-        if limit is None or held.num_rows <= limit:
-            taken, rest = held, held.slice(0, 0)
-        else:
-            taken, rest = held.slice(0, limit), held.slice(limit)
+        taken = held if limit is None else held.slice(0, limit)
+        rest = held.slice(taken.num_rows)
         self._membership_tables = [rest] if rest.num_rows else []
-        self._membership_table_rows = rest.num_rows
         return taken
 
     def _take_memberships(self, limit: Optional[int]) -> Iterator[Any]:
