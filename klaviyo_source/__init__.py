@@ -32,7 +32,7 @@ from .rows import (
     tag_row,
 )
 from .segment_listing import ListedSegment, list_segments
-from .walk_tables import declare_walk_tables, quiet_json_column_notices
+from .walk_tables import WALK_TABLES, declare_walk_tables, quiet_json_column_notices
 
 __all__ = ["klaviyo", "KlaviyoClient", "KlaviyoConfigError"]
 
@@ -93,12 +93,14 @@ def klaviyo(
         # Failures are per run: a segment that failed last time and works now is no failure.
         dlt.current.source_state()[settings.FAILURES_STATE_KEY] = {}
         handed_on.clear()
+        held = HeldData.of_current_pipeline()
         # The run has set its file format by now, on the source's copy of the resource.
-        declare_walk_tables(dlt.current.source().resources["segment_memberships"])
-        quiet_json_column_notices("segment_memberships")
-        yield from list_segments(
-            client, selection, segment_ids or [], HeldData.of_current_pipeline(), run_started
+        declare_walk_tables(
+            dlt.current.source().resources["segment_memberships"],
+            appended=held.tables_without_rows(list(WALK_TABLES)),
         )
+        quiet_json_column_notices("segment_memberships")
+        yield from list_segments(client, selection, segment_ids or [], held, run_started)
 
     @dlt.transformer(
         data_from=segment_listing,

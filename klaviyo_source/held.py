@@ -11,7 +11,7 @@ Before the first load, or outside a pipeline, nothing is held.
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import dlt
 from dlt.common.pipeline import SupportsPipeline
@@ -86,14 +86,21 @@ class HeldData:
         """Run `sql` with `{table}` standing for the table; no rows if it was never loaded."""
         if not needs or not set(needs) <= set(self._known_columns(table)):
             return []
-        with self._lock, self._client as client:  # type: ignore[union-attr]
+        return self._query(table, sql, *args, newest_versions=self._appends_versions)
+
+    def _query(
+        self, table: str, sql: str, *args: Any, newest_versions: bool = False
+    ) -> List[Sequence[Any]]:
+        if self._client is None:
+            return []
+        with self._lock, self._client as client:
             qualified = client.make_qualified_table_name(table)
-            if self._appends_versions:
+            if newest_versions:
                 qualified = _newest_versions(qualified, _KEYS[table])
             try:
                 return list(client.execute_sql(sql.format(table=qualified), *args) or [])
             except DatabaseUndefinedRelation:
-                return []  # the schema knows the table but it was never loaded (or was dropped)
+                return []  # never loaded, or dropped
 
     def _memberships(self, where: str, *args: Any) -> Dict[str, HeldMembership]:
         sql = f"SELECT {', '.join(_MEMBERSHIP_COLUMNS)} FROM {{table}} WHERE {where}"
@@ -101,6 +108,15 @@ class HeldData:
             settings.MEMBERSHIPS_TABLE, (*_MEMBERSHIP_COLUMNS, "is_member"), sql, *args
         )
         return {row[0]: HeldMembership(*row) for row in rows}
+
+    def tables_without_rows(self, tables: Sequence[str]) -> Set[str]:
+        """Those of `tables` the destination holds no row of, or does not have at all.
+
+        Asked of the destination itself, not of the pipeline's schema: a pipeline restored
+        without its schema would otherwise take tables full of rows for new ones.
+        """
+        any_row = "SELECT 1 FROM {table} LIMIT 1"
+        return {table for table in tables if not self._query(table, any_row)}
 
     def live_segments(self) -> Dict[str, Dict[str, Any]]:
         """Segments loaded before and not marked deleted, by id, with every column held."""

@@ -3,7 +3,7 @@
 import json
 import math
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import dlt
 import pytest
@@ -35,7 +35,7 @@ def _cursor_state(pipeline: dlt.Pipeline) -> Dict[str, str]:
 
 
 def _expected_profile_pages(
-    account: Account, cursors: Dict[str, Optional[datetime]], page_size: int = 100
+    account: Account, cursors: Mapping[str, Optional[datetime]], page_size: int = 100
 ) -> int:
     """Requests an incremental walk of every live segment must make, from the truth alone."""
     total = 0
@@ -130,7 +130,7 @@ def test_second_run_fetches_only_new_pages_and_matches_the_truth(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    cursors = {sid: max(m.values()) if m else None for sid, m in account.memberships().items()}
+    cursors = {sid: max(m.values()) for sid, m in account.memberships().items() if m}
     first_seen = dict(
         query(pipeline, "SELECT membership_id, first_seen_at FROM segment_memberships")
     )
@@ -309,6 +309,7 @@ def test_segment_selection(
 ) -> None:
     segments = account.segments()
     chosen = sorted(segments)[:2]
+    options: Dict[str, object]
     if selector == "ids":
         options = {"segment_ids": chosen}
     elif selector == "names":
@@ -331,7 +332,7 @@ def test_unknown_segment_id_fails_before_anything_is_written(
     pipeline = make_pipeline()
     with pytest.raises(Exception) as raised:
         pipeline.run(source_for(segment_ids=["NoSuch"]))
-    cause = raised.value
+    cause: BaseException = raised.value
     while cause.__cause__ is not None and not isinstance(cause, KlaviyoConfigError):
         cause = cause.__cause__
     assert isinstance(cause, KlaviyoConfigError)
@@ -362,3 +363,76 @@ def test_segment_leaving_the_selection_keeps_its_row_current_and_is_not_walked(
         r.path.split("/")[3] for r in simulator.request_log if r.operation == "get_segment_profiles"
     }
     assert dropped not in walked
+
+
+_WALK_TABLE_KEYS = {
+    "segment_memberships": "membership_id",
+    "segment_membership_periods": "period_id",
+    "profiles": "id",
+}
+
+
+def _write_dispositions(pipeline: dlt.Pipeline) -> Dict[str, Optional[str]]:
+    tables = pipeline.default_schema.tables
+    return {name: tables[name]["write_disposition"] for name in _WALK_TABLE_KEYS}
+
+
+def _repeated_keys(pipeline: dlt.Pipeline) -> Dict[str, int]:
+    """Rows per walk table that share their key with another row (0 everywhere when sound)."""
+    return {
+        table: query(pipeline, f"SELECT COUNT(*) - COUNT(DISTINCT {key}) FROM {table}")[0][0]
+        for table, key in _WALK_TABLE_KEYS.items()
+    }
+
+
+def test_walk_tables_are_appended_to_while_empty_and_merged_into_once_they_hold_rows(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+
+    assert set(_write_dispositions(pipeline).values()) == {"append"}
+    # An append stages nothing: no copy of a walk table in the staging dataset.
+    staged = query(
+        pipeline,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'klaviyo_staging'",
+    )
+    assert not {name for (name,) in staged} & set(_WALK_TABLE_KEYS)
+
+    big = _largest_segment(account)
+    leaver, rejoiner = list(account.members(big))[:2]
+    small = min(account.memberships(), key=lambda sid: len(account.members(sid)))
+    account.join(small, _outsiders(account, small, 1)[0])
+    account.leave(big, leaver)
+    account.rejoin(big, rejoiner)
+    pipeline.run(source_for(reconcile="all"))
+
+    assert set(_write_dispositions(pipeline).values()) == {"merge"}
+    assert _repeated_keys(pipeline) == dict.fromkeys(_WALK_TABLE_KEYS, 0)
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    left = query(
+        pipeline,
+        f"SELECT is_member, left_reason FROM segment_memberships "
+        f"WHERE membership_id = '{big}:{leaver}'",
+    )
+    assert left == [(False, "left")]
+
+
+def test_tables_holding_rows_are_merged_into_even_when_the_pipeline_forgot_them(
+    account: Account,
+    source_for: Callable,
+    make_pipeline: Callable,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    # The working folder is lost (an ephemeral runner) and nothing is restored from the
+    # destination: the new pipeline's schema knows none of the tables its destination holds.
+    pipeline.drop()
+    monkeypatch.setenv("RESTORE_FROM_DESTINATION", "false")
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+
+    assert set(_write_dispositions(pipeline).values()) == {"merge"}
+    assert _repeated_keys(pipeline) == dict.fromkeys(_WALK_TABLE_KEYS, 0)
+    assert loaded_memberships(pipeline) == true_memberships(account)
