@@ -3,7 +3,8 @@
 dlt's `merge` replaces a whole row, and Klaviyo never says when a profile leaves or a segment
 disappears. So the source compares what Klaviyo shows now with what the destination holds:
 to keep `first_seen_at` when a join is fetched again, to skip rows that did not change, and
-to close the memberships of a deleted segment. Reads go through the pipeline's SQL client, which
+to close the memberships of a deleted segment. It also tells which tables are still empty, and
+so can be appended to rather than merged into. Reads go through the pipeline's SQL client, which
 works for SQL warehouses and (through DuckDB) the filesystem destination alike.
 Before the first load, or outside a pipeline, nothing is held.
 """
