@@ -25,6 +25,7 @@ from expected import (
 from klaviyo_source import settings
 from klaviyo_source.errors import KlaviyoConfigError
 from klaviyo_source.simulator import Account, KlaviyoSimulator
+from klaviyo_source.walk_tables import WALK_TABLES
 
 LOOKBACK = settings.DEFAULT_LOOKBACK
 
@@ -365,11 +366,7 @@ def test_segment_leaving_the_selection_keeps_its_row_current_and_is_not_walked(
     assert dropped not in walked
 
 
-_WALK_TABLE_KEYS = {
-    "segment_memberships": "membership_id",
-    "segment_membership_periods": "period_id",
-    "profiles": "id",
-}
+_WALK_TABLE_KEYS = {table: key for table, (key, _) in WALK_TABLES.items()}
 
 
 def _write_dispositions(pipeline: dlt.Pipeline) -> Dict[str, Optional[str]]:
