@@ -31,9 +31,21 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 from urllib.parse import urlsplit
 
+import msgspec
 import urllib3.exceptions
 from dlt.common import json
 from dlt.common.configuration import resolve_configuration
@@ -57,12 +69,15 @@ from .errors import (
     KlaviyoServerError,
     KlaviyoTimeout,
     KlaviyoUnreachable,
+    UnexpectedDocument,
     error_for_response,
 )
+from .member_pages import Member, decode_member_page
 from .rate_limits import RateLimitedAdapter, RateLimiter, budgets_for
 
 Document = Dict[str, Any]
 Timeouts = Union[float, Tuple[float, float]]
+ResponseHook = Callable[..., None]
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +112,34 @@ def _check_response(response: Response, *args: Any, **kwargs: Any) -> None:
     the paginator and `RESTClient` each call it again; parsing a 100-profile page three times
     would cost more than the rest of the client.
     """
+    _check_and_decode(response, json.loadb)
+
+
+def _check_member_page(response: Response, *args: Any, **kwargs: Any) -> None:
+    """`_check_response` for a page of segment members, decoded by `member_pages`."""
+    _check_and_decode(response, decode_member_page)
+
+
+def _check_and_decode(response: Response, decode: Callable[[bytes], Any]) -> None:
     if response.status_code >= 400:
         raise error_for_response(response)
     body = _whole_body(response)
     if not body:
         return
+    request = (
+        f"{response.request.method if response.request else 'GET'} {urlsplit(response.url).path}"
+    )
     try:
-        document = json.loadb(body)
-    except ValueError as parse_error:
+        document = decode(body)
+    except msgspec.ValidationError as shape_error:
+        revision = response.request.headers.get("revision", "") if response.request else ""
+        raise UnexpectedDocument(
+            f"Klaviyo answered {request} with JSON this source cannot read ({shape_error}). "
+            f"Check [sources.klaviyo] revision (sent: {revision!s}; the source is built for "
+            f"{settings.DEFAULT_REVISION}) and base_url.",
+            response=response,
+        ) from None
+    except (ValueError, msgspec.DecodeError) as parse_error:
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         # A proxy or a wrong base_url answers with a page; a dropped body is cut JSON.
         what = (
@@ -113,9 +148,7 @@ def _check_response(response: Response, *args: Any, **kwargs: Any) -> None:
             else "an incomplete JSON body"
         )
         raise InvalidResponseBody(
-            f"Klaviyo sent {what} ({len(response.content)} bytes) for "
-            f"{response.request.method if response.request else 'GET'} "
-            f"{urlsplit(response.url).path}",
+            f"Klaviyo sent {what} ({len(response.content)} bytes) for {request}",
             response=response,
         ) from parse_error
     response.json = lambda **_: document  # type: ignore[method-assign]
@@ -396,11 +429,11 @@ class KlaviyoClient:
             self._local.rest = rest
         return rest
 
-    def _paginate(self, path: str, params: Mapping[str, Any]) -> Iterator[Document]:
+    def _paginate(
+        self, path: str, params: Mapping[str, Any], check: ResponseHook = _check_response
+    ) -> Iterator[Document]:
         """Yield every page document of a collection, following `links.next` verbatim."""
-        pages = self._rest().paginate(
-            path, params=_query(params), hooks={"response": [_check_response]}
-        )
+        pages = self._rest().paginate(path, params=_query(params), hooks={"response": [check]})
         for page in pages:
             yield page.response.json()
 
@@ -481,9 +514,12 @@ class KlaviyoClient:
         fields_profile: Optional[Sequence[str]] = None,
         additional_fields_profile: Optional[Sequence[str]] = None,
         page_size: Optional[int] = settings.SEGMENT_PROFILES_PAGE_SIZE,
-    ) -> Iterator[Document]:
-        """GET /api/segments/{id}/profiles: members with `joined_group_at` in attributes."""
-        return self._paginate(
+    ) -> Iterator[List[Member]]:
+        """GET /api/segments/{id}/profiles: the members of each page, with `joined_group_at`.
+
+        Members keep their profile attributes undecoded until asked (see `member_pages`).
+        """
+        pages = self._paginate(
             f"segments/{segment_id}/profiles",
             {
                 "filter": filter,
@@ -492,7 +528,9 @@ class KlaviyoClient:
                 "additional-fields[profile]": _joined(additional_fields_profile),
                 "page[size]": page_size,
             },
+            _check_member_page,
         )
+        return (page["data"] for page in pages)
 
     def get_segment_relationships_profiles(
         self,

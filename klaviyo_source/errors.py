@@ -31,6 +31,13 @@ class InvalidResponseBody(KlaviyoError, RequestException):
     """
 
 
+class UnexpectedDocument(KlaviyoError, RequestException):
+    """A successful status arrived with whole JSON that lacks what the revision documents.
+
+    Asking again would get the same answer, so it is not retried.
+    """
+
+
 class KlaviyoConnectionError(KlaviyoError, ConnectionError):
     """Klaviyo kept dropping or refusing connections after every retry."""
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 from requests.exceptions import RequestException
 
 from . import settings
-from .client import KlaviyoClient, resources_of
+from .client import KlaviyoClient
 from .errors import (
     KlaviyoAPIError,
     KlaviyoAuthenticationError,
@@ -37,6 +37,7 @@ from .errors import (
 from .filters import joined_after
 from .handed_on import HandedOn, Take
 from .held import HeldData, HeldMembership
+from .member_pages import Member
 from .rows import Row, membership_row, parse_datetime, profile_row
 from .segment_listing import ListedSegment
 from .walk_tables import WalkBatch
@@ -164,7 +165,7 @@ class SegmentSync:
 
     # -- incremental ------------------------------------------------------------------------
 
-    def _walk(self, filter: Optional[str]) -> Iterator[List[Dict[str, Any]]]:
+    def _walk(self, filter: Optional[str]) -> Iterator[List[Member]]:
         pages = self.client.get_segment_profiles(
             self.segment_id,
             filter=filter,
@@ -172,41 +173,38 @@ class SegmentSync:
             fields_profile=self.options.fields_profile(),
             additional_fields_profile=self.options.additional_fields(),
         )
-        for document in pages:
+        for members in pages:
             self.stats.requests += 1
-            resources = resources_of(document)
-            self.stats.fetched += len(resources)
-            yield resources
+            self.stats.fetched += len(members)
+            yield members
 
     def _incremental_pass(self) -> Iterator[Any]:
         since = None if self.cursor is None else self.cursor - self.options.lookback
-        for resources in self._walk(None if since is None else joined_after(since)):
+        for members in self._walk(None if since is None else joined_after(since)):
             held = (
-                self.held.members_among(self.segment_id, [r["id"] for r in resources])
+                self.held.members_among(self.segment_id, [member.id for member in members])
                 if self.held_count
                 else {}
             )
-            yield from self._changes(resources, held)
+            yield from self._changes(members, held)
 
-    def _changes(
-        self, resources: List[Dict[str, Any]], held: Dict[str, HeldMembership]
-    ) -> Iterator[Any]:
+    def _changes(self, members: List[Member], held: Dict[str, HeldMembership]) -> Iterator[Any]:
         """Rows for the members of one page that are new, re-joined or not yet loaded."""
         listed = []
-        for resource in resources:
-            joined = parse_datetime(resource["attributes"]["joined_group_at"])
+        for member in members:
+            joined = parse_datetime(member.joined_group_at)
             if self.stats.newest is None or joined > self.stats.newest:
                 self.stats.newest = joined
-            previous = held.get(resource["id"])
+            previous = held.get(member.id)
             unchanged = previous is not None and previous.joined_group_at == joined
             if unchanged and self.cursor is not None:
                 continue  # fetched again by the lookback window, already loaded as it is
-            listed.append((resource, joined, previous, unchanged))
-        taken = self.handed_on.take(self.segment_id, [listing[0]["id"] for listing in listed])
+            listed.append((member, joined, previous, unchanged))
+        taken = self.handed_on.take(self.segment_id, [listing[0].id for listing in listed])
         memberships: List[Row] = []
         ended_earlier: List[Row] = []
         profiles: List[Row] = []
-        for (resource, joined, previous, unchanged), take in zip(listed, taken, strict=True):
+        for (member, joined, previous, unchanged), take in zip(listed, taken, strict=True):
             if take is Take.REPEAT:
                 self._seen_again(joined)
                 continue
@@ -220,11 +218,11 @@ class SegmentSync:
                     # A re-join: the earlier period ended before this join.
                     ended_earlier.append(self._ended(previous, joined, "rejoined"))
             memberships.append(
-                membership_row(self.segment_id, resource["id"], joined, first_seen, self.now)
+                membership_row(self.segment_id, member.id, joined, first_seen, self.now)
             )
             # Shaping a profile costs more than the rest of its row: only first sightings are.
             if take is Take.PROFILE and self.options.include_profiles:
-                profiles.append(profile_row(resource))
+                profiles.append(profile_row(member.id, member.profile_attributes()))
         yield from self._emit(memberships, ended_earlier, profiles)
 
     def _seen_again(self, joined: datetime) -> None:
@@ -283,11 +281,11 @@ class SegmentSync:
         """Walk every current member; what is held but gone has left."""
         self.stats.reconciled = True
         remaining = self.held.members(self.segment_id)
-        for resources in self._walk(None):
-            page_held = {r["id"]: remaining.pop(r["id"]) for r in resources if r["id"] in remaining}
+        for members in self._walk(None):
+            page_held = {m.id: remaining.pop(m.id) for m in members if m.id in remaining}
             # Joins the incremental pass loaded a moment ago are not held yet; they come back
             # as repeats and are skipped.
-            yield from self._changes(resources, page_held)
+            yield from self._changes(members, page_held)
         # A member the incremental pass loaded and this walk no longer lists left during the
         # run: its row of this load stands, and the next reconciliation ends it.
         gone = list(remaining)

@@ -61,14 +61,14 @@ def tag_row(resource: Dict[str, Any]) -> Row:
     return {"id": resource["id"], "name": (resource.get("attributes") or {}).get("name")}
 
 
-def profile_row(resource: Dict[str, Any]) -> Row:
+def profile_row(profile_id: str, attributes: Dict[str, Any]) -> Row:
     """A profile's attributes without the segment-specific `joined_group_at`.
 
     `location` and `predictive_analytics` flatten one level (`location__city`); any other
     object or list (`properties`, `subscriptions`, `ranked_channel_affinity`) is JSON text.
     """
-    row: Row = {"id": resource["id"]}
-    for name, value in (resource.get("attributes") or {}).items():
+    row: Row = {"id": profile_id}
+    for name, value in attributes.items():
         if name == "joined_group_at":
             continue
         if name in _FLATTENED_PROFILE_OBJECTS and isinstance(value, dict):

@@ -125,21 +125,26 @@ def test_get_segment_profiles_with_every_parameter(
             page_size=7,
         )
     )
-    rows = [r for page in pages for r in resources_of(page)]
+    listed = [member for page in pages for member in page]
     expected = {
         pid
         for pid, joined in members.items()
         if low.replace(microsecond=0) <= joined < high.replace(microsecond=0)
     }
-    assert {r["id"] for r in rows} == expected
-    joined = [parse_datetime(r["attributes"]["joined_group_at"]) for r in rows]
+    assert {member.id for member in listed} == expected
+    joined = [parse_datetime(member.joined_group_at) for member in listed]
     assert joined == sorted(joined, reverse=True)
-    assert all(len(resources_of(page)) <= 7 for page in pages)
-    assert all(
-        set(r["attributes"])
-        == {"email", "joined_group_at", "subscriptions", "predictive_analytics"}
-        for r in rows
-    )
+    assert all(len(page) <= 7 for page in pages)
+    for member in listed:
+        attributes = member.profile_attributes()
+        assert set(attributes) == {
+            "email",
+            "joined_group_at",
+            "subscriptions",
+            "predictive_analytics",
+        }
+        assert attributes["joined_group_at"] == member.joined_group_at
+        assert attributes["email"] == account.profiles()[member.id]["email"]
 
     profiles = account.profiles()
     one = next(
@@ -150,8 +155,8 @@ def test_get_segment_profiles_with_every_parameter(
         f"any(phone_number,[{quoted(profiles[one]['phone_number'])}])",
         f"equals(profile_id,{quoted(one)})",
     ):
-        found = _all(newest_client.get_segment_profiles(segment_id, filter=expression))
-        assert [r["id"] for r in found] == [one], expression
+        found = newest_client.get_segment_profiles(segment_id, filter=expression)
+        assert [member.id for page in found for member in page] == [one], expression
 
 
 def test_get_segment_relationships_profiles(account: Account, client: KlaviyoClient) -> None:

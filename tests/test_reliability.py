@@ -582,6 +582,36 @@ def test_a_segment_failing_beyond_its_retries_fails_the_run_by_name_and_is_redon
     assert others and all(r.query.get("filter", "").startswith("greater-than") for r in others)
 
 
+def test_a_page_without_joined_group_at_fails_its_segment_at_once_and_names_the_field(
+    account: Account, served: KlaviyoSimulator, script_env: Dict[str, str]
+) -> None:
+    big = largest(account)
+    # Whole JSON in the wrong shape (as from another revision): asking again cannot help.
+    served.inject_fault(
+        "omit", field="joined_group_at", times=1, path_contains=f"/segments/{big}/profiles"
+    )
+
+    failed = run_script(script_env, served)
+
+    assert failed.returncode == 1
+    lines = error_lines(failed)
+    assert len(lines) == 1, failed.stderr
+    assert f"segment {big}" in lines[0] and "joined_group_at" in lines[0]
+    assert "revision" in lines[0] and "attempts" not in lines[0]
+    walks = [r for r in log_of(served) if f"/segments/{big}/profiles" in r.path]
+    assert len(walks) == 1  # not retried
+    truth = true_memberships(account)
+    loaded = file_memberships(script_env)
+    assert big not in loaded
+    assert loaded == {sid: m for sid, m in truth.items() if sid != big}
+    assert big not in file_cursors(script_env)
+
+    again = run_script(script_env, served)
+
+    assert again.returncode == 0, again.stderr
+    assert file_memberships(script_env) == truth
+
+
 def test_a_run_killed_mid_extract_moves_no_cursor_and_the_next_run_catches_up(
     account: Account, served: KlaviyoSimulator, script_env: Dict[str, str]
 ) -> None:
@@ -689,7 +719,7 @@ def test_a_create_that_may_have_happened_is_not_sent_twice(
     client = KlaviyoClient(simulator.api_key, simulator.base_url)
     simulator.inject_fault("reset", times=1, path_contains="/api/segments")
     before = set(account.segments())
-    condition = {"type": "profile-property", "property": "properties['Tier']"}
+    condition: Dict[str, Any] = {"type": "profile-property", "property": "properties['Tier']"}
     condition["filter"] = {"type": "string", "operator": "equals", "value": "Gold"}
 
     with pytest.raises(requests.ConnectionError, match=r"POST /api/segments.*1 attempts"):

@@ -2,13 +2,15 @@
 
 Kinds: ``status`` (5xx with a Klaviyo JSON or CDN HTML body), ``reset`` (headers and part of
 the body, then an abrupt close), ``truncate`` (200 whose JSON is cut in half, Content-Length
-matching the cut body), ``slow`` (delay before answering) and ``throttle`` (429, with or
+matching the cut body), ``omit`` (200 whose resources lack the attribute ``field``, as from a
+revision that dropped it), ``slow`` (delay before answering) and ``throttle`` (429, with or
 without ``Retry-After``). A fault fires for the next ``times`` requests whose path+query
 contains ``path_contains``, each with ``probability``; a failed roll does not use up a turn.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any
 
 from .errors import error_body, error_object
 
-FAULT_KINDS = frozenset({"status", "reset", "truncate", "slow", "throttle"})
+FAULT_KINDS = frozenset({"status", "reset", "truncate", "omit", "slow", "throttle"})
 
 _STATUS_TEXT = {
     500: ("error", "A server error occurred.", "A server error occurred."),
@@ -45,6 +47,15 @@ class Fault:
     path_contains: str | None
     probability: float
     opts: dict[str, Any] = field(default_factory=dict)
+
+    def without_field(self, body: bytes) -> bytes:
+        """An ``omit`` fault's body: every resource in ``data`` without attribute ``field``."""
+        document = json.loads(body)
+        data = document.get("data")
+        for resource in data if isinstance(data, list) else [data]:
+            if isinstance(resource, dict):
+                (resource.get("attributes") or {}).pop(self.opts["field"], None)
+        return json.dumps(document).encode()
 
     def status_response(self) -> tuple[int, str, bytes]:
         """(status, content type, body) for a ``status`` fault."""

@@ -194,6 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault is not None and fault.kind == "truncate":
             resp.body = resp.body[: len(resp.body) // 2]
+        if fault is not None and fault.kind == "omit" and resp.status == 200:
+            resp.body = fault.without_field(resp.body)
         self._write(resp)
 
     def _write(self, resp: Response, close: bool = False) -> None:
