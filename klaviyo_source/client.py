@@ -1,8 +1,9 @@
 """HTTP client for Klaviyo's segment and tag endpoints, built on dlt's `RESTClient`.
 
 One method per API operation, each taking that operation's documented parameters. Collections
-are walked by following `links.next` exactly as Klaviyo gives it. The key travels only through
-an auth object, so no log line at any level shows it.
+are walked by following `links.next` exactly as Klaviyo gives it; pages of segment members are
+decoded by `member_pages`, every other body by dlt's JSON. The key travels only through an auth
+object, so no log line at any level shows it.
 
 Every request goes through a retrying session whose bounds come from dlt's `[runtime]`
 settings (`request_max_attempts`, `request_backoff_factor`, `request_max_retry_delay`,
@@ -17,7 +18,8 @@ settings (`request_max_attempts`, `request_backoff_factor`, `request_max_retry_d
   up to more than `(request_max_attempts - 1) * request_max_retry_delay`, the longest dlt's
   own retry would wait;
 - a base_url that never answered (refused, unknown host, no connect) fails at once: retrying
-  a typo for minutes helps no one;
+  a typo for minutes helps no one; so does whole JSON without what the revision documents
+  (`UnexpectedDocument`): asked again, Klaviyo would send the same;
 - a POST that may have reached Klaviyo is not sent again, so a create never happens twice.
 
 A request that gives up raises one of the typed errors of `errors`, naming the request, what

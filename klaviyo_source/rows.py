@@ -62,7 +62,7 @@ def tag_row(resource: Dict[str, Any]) -> Row:
 
 
 def profile_row(profile_id: str, attributes: Dict[str, Any]) -> Row:
-    """A profile's attributes without the segment-specific `joined_group_at`.
+    """A profile's row from its id and attributes, without the segment-specific `joined_group_at`.
 
     `location` and `predictive_analytics` flatten one level (`location__city`); any other
     object or list (`properties`, `subscriptions`, `ranked_channel_affinity`) is JSON text.

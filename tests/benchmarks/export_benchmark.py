@@ -1086,7 +1086,8 @@ def run_benchmark(plan: Plan, root: Path) -> list[Row]:
 # -- profiling -------------------------------------------------------------------------------
 
 # Layers by file. Code several layers share (stdlib, dlt.common, builtins) is booked to the
-# layers of its callers; JSON loads called by the HTTP client count as "JSON parse".
+# layers of its callers; JSON loads called by the HTTP client count as "JSON parse", as does
+# the decoding of member pages (member_pages, msgspec) wherever it is called.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "waiting (I/O, locks: not CPU)",
@@ -1100,6 +1101,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("simulator", ("klaviyo_source/simulator/",)),
+    ("JSON parse", ("klaviyo_source/member_pages.py", "of 'msgspec.json.Decoder'")),
     (
         "HTTP client",
         (
