@@ -73,6 +73,7 @@ from .errors import (
     KlaviyoUnreachable,
     UnexpectedDocument,
     error_for_response,
+    request_of,
 )
 from .member_pages import Member, decode_member_page
 from .rate_limits import RateLimitedAdapter, RateLimiter, budgets_for
@@ -107,38 +108,36 @@ def _query(params: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _check_response(response: Response, *args: Any, **kwargs: Any) -> None:
-    """Raise the typed error for an error status; parse a success body once and keep it.
-
-    The body is parsed here, inside the retried send, so that a cut or garbled body is asked
-    for again like a dropped connection. The parsed document replaces `response.json` because
-    the paginator and `RESTClient` each call it again; parsing a 100-profile page three times
-    would cost more than the rest of the client.
-    """
+    """The response hook of every request but member pages: `_check_and_decode` with JSON."""
     _check_and_decode(response, json.loadb)
 
 
 def _check_member_page(response: Response, *args: Any, **kwargs: Any) -> None:
-    """`_check_response` for a page of segment members, decoded by `member_pages`."""
+    """The response hook of member pages: `_check_and_decode` with `member_pages`."""
     _check_and_decode(response, decode_member_page)
 
 
 def _check_and_decode(response: Response, decode: Callable[[bytes], Any]) -> None:
+    """Raise the typed error for an error status; decode a success body once and keep it.
+
+    The body is decoded here, inside the retried send, so that a cut or garbled body is asked
+    for again like a dropped connection. The decoded document replaces `response.json` because
+    the paginator and `RESTClient` each call it again; parsing a 100-profile page three times
+    would cost more than the rest of the client.
+    """
     if response.status_code >= 400:
         raise error_for_response(response)
     body = _whole_body(response)
     if not body:
         return
-    request = (
-        f"{response.request.method if response.request else 'GET'} {urlsplit(response.url).path}"
-    )
     try:
         document = decode(body)
     except msgspec.ValidationError as shape_error:
         revision = response.request.headers.get("revision", "") if response.request else ""
         raise UnexpectedDocument(
-            f"Klaviyo answered {request} with JSON this source cannot read ({shape_error}). "
-            f"Check [sources.klaviyo] revision (sent: {revision!s}; the source is built for "
-            f"{settings.DEFAULT_REVISION}) and base_url.",
+            f"Klaviyo answered {_request_line(response)} with JSON this source cannot read "
+            f"({shape_error}). Check [sources.klaviyo] revision (sent: {revision!s}; the "
+            f"source is built for {settings.DEFAULT_REVISION}) and base_url.",
             response=response,
         ) from None
     except (ValueError, msgspec.DecodeError) as parse_error:
@@ -150,10 +149,14 @@ def _check_and_decode(response: Response, decode: Callable[[bytes], Any]) -> Non
             else "an incomplete JSON body"
         )
         raise InvalidResponseBody(
-            f"Klaviyo sent {what} ({len(response.content)} bytes) for {request}",
+            f"Klaviyo sent {what} ({len(response.content)} bytes) for {_request_line(response)}",
             response=response,
         ) from parse_error
     response.json = lambda **_: document  # type: ignore[method-assign]
+
+
+def _request_line(response: Response) -> str:
+    return " ".join(request_of(response))
 
 
 def _whole_body(response: Response) -> bytes:

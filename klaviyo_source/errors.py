@@ -9,7 +9,7 @@ exception (`ConnectionError`, `Timeout`, `HTTPError`), so code that handles a fa
 request the `requests` way (the source's per-segment isolation does) handles them too.
 """
 
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 from urllib.parse import urlsplit
 
 from requests import ConnectionError, HTTPError, Response, Timeout
@@ -50,6 +50,12 @@ class KlaviyoTimeout(KlaviyoError, Timeout):
     """Klaviyo did not answer within `request_timeout`, every time it was asked."""
 
 
+def request_of(response: Response) -> Tuple[str, str]:
+    """The method and path of the request a response answered, for messages."""
+    method = (response.request.method if response.request is not None else None) or "GET"
+    return method, urlsplit(response.url or "").path
+
+
 class KlaviyoAPIError(KlaviyoError, HTTPError):
     """Klaviyo answered with an error status; carries its status, error code and detail."""
 
@@ -64,11 +70,8 @@ class KlaviyoAPIError(KlaviyoError, HTTPError):
         self.parameter: Optional[str] = (
             source.get("parameter") if isinstance(source, dict) else None
         )
-        self.path: str = urlsplit(response.url or "").path
+        self.method, self.path = request_of(response)
         self.reason: str = str(response.reason or "")
-        self.method: str = (
-            response.request.method or "GET" if response.request is not None else "GET"
-        )
         self.retries = ""  # what the retrying session tried before giving up, if anything
         super().__init__(self.message, response=response)
 
