@@ -21,7 +21,7 @@ the next run loads the new period.
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from requests.exceptions import RequestException
 
@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 # Filters are sent in whole seconds: a second before a join keeps it inside `greater-than`.
 CURSOR_BEFORE_REJOIN = timedelta(seconds=1)
+# Held memberships ended at a time, when a reconciliation or a deleted segment ends many.
+ENDED_AT_A_TIME = 10_000
+
+# Whole held rows of some of a page's members, by profile id.
+HeldRows = Callable[[List[str]], Mapping[str, HeldMembership]]
 
 
 @dataclass(frozen=True)
@@ -186,25 +191,35 @@ class SegmentSync:
                 if self.held_count
                 else {}
             )
-            yield from self._changes(members, held)
+            joined = {profile_id: row.joined_group_at for profile_id, row in held.items()}
+            yield from self._changes(members, joined, _already_read(held))
 
-    def _changes(self, members: List[Member], held: Dict[str, HeldMembership]) -> Iterator[Any]:
-        """Rows for the members of one page that are new, re-joined or not yet loaded."""
+    def _changes(
+        self, members: List[Member], held_joined: Mapping[str, datetime], held_rows: HeldRows
+    ) -> Iterator[Any]:
+        """Rows for the members of one page that are new, re-joined or not yet loaded.
+
+        `held_joined` says when each held member joined; `held_rows` gives whole held rows,
+        asked only for the few members whose row is needed (a re-join, a reload).
+        """
         listed = []
         for member in members:
             joined = parse_datetime(member.joined_group_at)
             if self.stats.newest is None or joined > self.stats.newest:
                 self.stats.newest = joined
-            previous = held.get(member.id)
-            unchanged = previous is not None and previous.joined_group_at == joined
+            held_join = held_joined.get(member.id)
+            unchanged = held_join == joined
             if unchanged and self.cursor is not None:
                 continue  # fetched again by the lookback window, already loaded as it is
-            listed.append((member, joined, previous, unchanged))
+            listed.append((member, joined, held_join is not None, unchanged))
+        was_held = [member.id for member, _, held, _ in listed if held]
+        rows = held_rows(was_held) if was_held else {}
         taken = self.handed_on.take(self.segment_id, [listing[0].id for listing in listed])
         memberships: List[Row] = []
         ended_earlier: List[Row] = []
         profiles: List[Row] = []
-        for (member, joined, previous, unchanged), take in zip(listed, taken, strict=True):
+        for (member, joined, _, unchanged), take in zip(listed, taken, strict=True):
+            previous = rows.get(member.id)
             if take is Take.REPEAT:
                 self._seen_again(joined)
                 continue
@@ -280,23 +295,28 @@ class SegmentSync:
     def _reconcile(self) -> Iterator[Any]:
         """Walk every current member; what is held but gone has left."""
         self.stats.reconciled = True
-        remaining = self.held.members(self.segment_id)
+        # Only join times are held for the whole segment; whole rows are read for the few
+        # members that need one.
+        remaining = self.held.joined_times(self.segment_id)
         for members in self._walk(None):
-            page_held = {m.id: remaining.pop(m.id) for m in members if m.id in remaining}
+            page_joined = {m.id: remaining.pop(m.id) for m in members if m.id in remaining}
             # Joins the incremental pass loaded a moment ago are not held yet; they come back
             # as repeats and are skipped.
-            yield from self._changes(members, page_held)
+            yield from self._changes(members, page_joined, self._held_rows)
         # A member the incremental pass loaded and this walk no longer lists left during the
         # run: its row of this load stands, and the next reconciliation ends it.
         gone = list(remaining)
         loaded = self.handed_on.taken_in(self.segment_id, gone)
-        ended = [
-            self._ended(remaining[profile_id], self.now, "left")
-            for profile_id, loaded_this_run in zip(gone, loaded, strict=True)
-            if not loaded_this_run
-        ]
-        self.stats.left += len(ended)
-        yield from self._emit(ended, [], [])
+        left = [pid for pid, loaded_now in zip(gone, loaded, strict=True) if not loaded_now]
+        for start in range(0, len(left), ENDED_AT_A_TIME):
+            some = left[start : start + ENDED_AT_A_TIME]
+            rows = self._held_rows(some)
+            ended = [self._ended(rows[pid], self.now, "left") for pid in some if pid in rows]
+            self.stats.left += len(ended)
+            yield from self._emit(ended, [], [])
+
+    def _held_rows(self, profile_ids: List[str]) -> Mapping[str, HeldMembership]:
+        return self.held.members_among(self.segment_id, profile_ids)
 
     def _ended(self, held: HeldMembership, before: datetime, reason: str) -> Row:
         """The held membership, ended between when it was last seen and `before`."""
@@ -319,24 +339,32 @@ class SegmentSync:
         )
 
 
+def _already_read(rows: Mapping[str, HeldMembership]) -> HeldRows:
+    """Whole held rows of a page, read already with the page's lookup."""
+    return lambda _profile_ids: rows
+
+
 def close_segment(
     segment_id: str, held: HeldData, closed_at: datetime, load_id: str
 ) -> Iterator[Any]:
     """End every membership the destination holds for a segment Klaviyo no longer has."""
     batch = WalkBatch(load_id)
-    ended = [
-        membership_row(
-            segment_id,
-            membership.profile_id,
-            membership.joined_group_at,
-            membership.first_seen_at,
-            membership.last_seen_at,
-            left_at_latest=closed_at,
-            left_reason="segment_deleted",
-        )
-        for membership in held.members(segment_id).values()
-    ]
-    yield from batch.add(ended, [], [])
+    members = list(held.joined_times(segment_id))
+    for start in range(0, len(members), ENDED_AT_A_TIME):
+        rows = held.members_among(segment_id, members[start : start + ENDED_AT_A_TIME])
+        ended = [
+            membership_row(
+                segment_id,
+                membership.profile_id,
+                membership.joined_group_at,
+                membership.first_seen_at,
+                membership.last_seen_at,
+                left_at_latest=closed_at,
+                left_reason="segment_deleted",
+            )
+            for membership in rows.values()
+        ]
+        yield from batch.add(ended, [], [])
     yield from batch.flush()
 
 

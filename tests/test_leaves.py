@@ -9,6 +9,7 @@ import dlt
 import pytest
 from expected import loaded_memberships, query, true_memberships, utc
 
+from klaviyo_source import held, memberships
 from klaviyo_source.simulator import Account, KlaviyoSimulator
 
 Leaves = Dict[Tuple[str, str], datetime]
@@ -120,6 +121,38 @@ def test_many_leaves_in_the_largest_segment(
 
     assert loaded_memberships(pipeline) == true_memberships(account)
     _assert_leaves_within_bounds(pipeline, leaves)
+
+
+def test_held_members_are_read_in_chunks_and_every_leave_and_closure_is_ended(
+    account: Account,
+    source_for: Callable,
+    make_pipeline: Callable,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reconciliation and a deleted segment read held rows a chunk at a time, losing none."""
+    monkeypatch.setattr(held, "FETCH_ROWS", 13)
+    monkeypatch.setattr(held, "LOOKUP_IDS", 7)
+    monkeypatch.setattr(memberships, "ENDED_AT_A_TIME", 50)
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    big, doomed = _settled_segments(account)[:2]
+    leaves: Leaves = {}
+    for profile_id in list(account.members(big))[::3]:
+        _leave(account, big, profile_id, leaves)
+    doomed_members = set(account.members(doomed))
+    account.delete_segment(doomed)
+    assert len(leaves) > 50 and len(doomed_members) > 50
+
+    pipeline.run(source_for(reconcile="all"))
+
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    _assert_leaves_within_bounds(pipeline, leaves)
+    closed = query(
+        pipeline,
+        "SELECT profile_id FROM segment_memberships "
+        f"WHERE segment_id = '{doomed}' AND NOT is_member AND left_reason = 'segment_deleted'",
+    )
+    assert {row[0] for row in closed} == doomed_members
 
 
 def test_leave_then_rejoin_opens_a_new_period(

@@ -958,6 +958,30 @@ def rss_rows(runs: Sequence[MeasuredExport]) -> list[Row]:
     return rows
 
 
+def reconciliation_rss_row(sim: SimulatorProcess, full: MeasuredExport) -> Row:
+    """Figure 4b: peak RSS of a run that walks every segment again over a full export.
+
+    A reconciliation compares each walked segment with the members the destination holds,
+    so it is the scheduled run whose memory grows with segment size, not the first export.
+    """
+    figure = f"peak RSS of a reconciliation run (reconcile=all) over the {_k(full.served)} export"
+    target = f"<= {TARGET_PEAK_RSS_MB:.0f} MB"
+    if full.result.error:
+        return _failed_row("4", f"{figure}: its full export failed", full, target)
+    run = measure_export(sim, replace(full.job, reconcile="all"))
+    if run.result.error:
+        return _failed_row("4", figure, run, target)
+    rss = run.result.peak_rss_mb
+    steps = " / ".join(
+        f"{step} {run.result.rss_by_step.get(step, 0):,.0f}" for step in ("extract", "load")
+    )
+    figure += (
+        f" (with profiles; {run.result.wall_s:.1f} s, {sum(run.counters.values())} requests; "
+        f"peak MB in {steps})"
+    )
+    return Row("4", figure, f"{rss:,.0f} MB", target, rss <= TARGET_PEAK_RSS_MB)
+
+
 def correctness_row(runs: Sequence[MeasuredExport]) -> Row:
     """Every full export loaded exactly the simulator's memberships (else figures mislead)."""
     wrong = [
@@ -1041,10 +1065,11 @@ def full_exports(
 
 @dataclass
 class SizeResults:
-    """The full exports of one account size, and the no-change rows if measured there."""
+    """The full exports of one account size, and the rows of later runs measured there."""
 
     runs: list[MeasuredExport]
     no_change: list[Row]
+    reconciliation: list[Row]
 
 
 def run_size(size: int, plan: Plan, root: Path) -> SizeResults:
@@ -1061,7 +1086,10 @@ def run_size(size: int, plan: Plan, root: Path) -> SizeResults:
         no_change = (
             no_change_rows(sim, default_run(runs)) if size == plan.request_count_size else []
         )
-    return SizeResults(runs, no_change)
+        reconciliation = (
+            [reconciliation_rss_row(sim, default_run(runs))] if size == max(plan.rss_sizes) else []
+        )
+    return SizeResults(runs, no_change, reconciliation)
 
 
 def run_benchmark(plan: Plan, root: Path) -> list[Row]:
@@ -1079,6 +1107,7 @@ def run_benchmark(plan: Plan, root: Path) -> list[Row]:
         + no_change
         + throughput_rows(throughput)
         + rss_rows(rss)
+        + [row for found in results.values() for row in found.reconciliation]
         + [correctness_row(every_run), code_versions_row([*paced_runs, *every_run])]
     )
 
