@@ -166,7 +166,7 @@ class HeldData:
 
         All a full walk needs to compare, read in chunks: about 150 bytes a member, where
         whole held rows read as one list took 420 at their peak. A reconciliation holds this
-        for every segment it walks at once (at 1M memberships, five segments of 125k).
+        for every segment it walks at once, one for each extract worker.
         """
         if not self._has_columns(
             settings.MEMBERSHIPS_TABLE, ("profile_id", "joined_group_at", "is_member")

@@ -212,7 +212,7 @@ class SegmentSync:
             if unchanged and self.cursor is not None:
                 continue  # fetched again by the lookback window, already loaded as it is
             listed.append((member, joined, held_join is not None, unchanged))
-        was_held = [member.id for member, _, held, _ in listed if held]
+        was_held = [member.id for member, _, is_held, _ in listed if is_held]
         rows = held_rows(was_held) if was_held else {}
         taken = self.handed_on.take(self.segment_id, [listing[0].id for listing in listed])
         memberships: List[Row] = []
