@@ -89,14 +89,19 @@ class HeldData:
         schema = self._pipeline.default_schema  # type: ignore[attr-defined]
         return list(schema.tables.get(table, {}).get("columns", {}))
 
-    def _has_columns(self, table: str, needs: Sequence[str]) -> bool:
-        return bool(needs) and set(needs) <= set(self._known_columns(table))
-
     def _fetch(self, table: str, needs: Sequence[str], sql: str, *args: Any) -> List[Sequence[Any]]:
         """Run `sql` with `{table}` standing for the table; no rows if it was never loaded."""
-        if not self._has_columns(table, needs):
-            return []
-        return self._query(table, sql, *args, newest_versions=self._appends_versions)
+        with self._fetching(table, needs, sql, *args) as cursor:
+            return [] if cursor is None else list(cursor.fetchall() or [])
+
+    @contextlib.contextmanager
+    def _fetching(self, table: str, needs: Sequence[str], sql: str, *args: Any) -> Iterator[Any]:
+        """`_cursor` over a table this source loaded, or None if it lacks the `needs` columns."""
+        if not needs or not set(needs) <= set(self._known_columns(table)):
+            yield None
+            return
+        with self._cursor(table, sql, *args, newest_versions=self._appends_versions) as cursor:
+            yield cursor
 
     def _query(
         self, table: str, sql: str, *args: Any, newest_versions: bool = False
@@ -168,15 +173,10 @@ class HeldData:
         whole held rows read as one list took 420 at their peak. A reconciliation holds this
         for every segment it walks at once, one for each extract worker.
         """
-        if not self._has_columns(
-            settings.MEMBERSHIPS_TABLE, ("profile_id", "joined_group_at", "is_member")
-        ):
-            return {}
+        needs = ("profile_id", "joined_group_at", "is_member")
         sql = f"SELECT profile_id, joined_group_at FROM {{table}} WHERE {_CURRENT}"
         joined: Dict[str, datetime] = {}
-        with self._cursor(
-            settings.MEMBERSHIPS_TABLE, sql, segment_id, newest_versions=self._appends_versions
-        ) as cursor:
+        with self._fetching(settings.MEMBERSHIPS_TABLE, needs, sql, segment_id) as cursor:
             while cursor is not None and (chunk := cursor.fetchmany(FETCH_ROWS)):
                 joined.update(chunk)
         return joined

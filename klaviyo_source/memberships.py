@@ -212,9 +212,14 @@ class SegmentSync:
             if unchanged and self.cursor is not None:
                 continue  # fetched again by the lookback window, already loaded as it is
             listed.append((member, joined, held_join is not None, unchanged))
-        was_held = [member.id for member, _, is_held, _ in listed if is_held]
-        rows = held_rows(was_held) if was_held else {}
         taken = self.handed_on.take(self.segment_id, [listing[0].id for listing in listed])
+        # Repeats are skipped below, so their held rows are not read.
+        was_held = [
+            member.id
+            for (member, _, is_held, _), take in zip(listed, taken, strict=True)
+            if is_held and take is not Take.REPEAT
+        ]
+        rows = held_rows(was_held) if was_held else {}
         memberships: List[Row] = []
         ended_earlier: List[Row] = []
         profiles: List[Row] = []
