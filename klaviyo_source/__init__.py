@@ -8,7 +8,7 @@ on `membership_id`) and `profiles` (merged on id). Memberships load incrementall
 """
 
 from datetime import datetime, timezone
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Set
 
 import dlt
 from dlt.extract import DltResource
@@ -32,7 +32,13 @@ from .rows import (
     tag_row,
 )
 from .segment_listing import ListedSegment, list_segments
-from .walk_tables import WALK_TABLES, declare_walk_tables, quiet_json_column_notices
+from .walk_tables import (
+    ROW_ID_COLUMN,
+    WALK_TABLES,
+    RowStamps,
+    declare_walk_tables,
+    quiet_json_column_notices,
+)
 
 __all__ = ["klaviyo", "KlaviyoClient", "KlaviyoConfigError"]
 
@@ -87,6 +93,7 @@ def klaviyo(
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
     run_started = datetime.now(timezone.utc)
     handed_on = HandedOn()
+    row_id_tables: Set[str] = set()  # see RowStamps; found anew by each run
 
     @dlt.resource(name="segment_listing", selected=False)
     def segment_listing() -> Iterator[ListedSegment]:
@@ -100,6 +107,8 @@ def klaviyo(
             appended=held.tables_without_rows(list(WALK_TABLES)),
         )
         quiet_json_column_notices("segment_memberships")
+        row_id_tables.clear()
+        row_id_tables.update(held.tables_with_column(list(WALK_TABLES), ROW_ID_COLUMN))
         yield from list_segments(client, selection, segment_ids or [], held, run_started)
 
     @dlt.transformer(
@@ -140,7 +149,7 @@ def klaviyo(
             dlt.current.source_state()[settings.FAILURES_STATE_KEY],
             run_started,
             handed_on,
-            dlt.current.load_package_state()["load_id"],
+            RowStamps(dlt.current.load_package_state()["load_id"], frozenset(row_id_tables)),
         )
 
     return segments, tags, segment_tags, declare_walk_tables(segment_memberships)

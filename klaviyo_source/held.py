@@ -51,6 +51,10 @@ def _newest_versions(qualified_table: str, key: str) -> str:
     )
 
 
+def _column_names(cursor: Any) -> List[str]:
+    return [description[0] for description in cursor.description or ()]
+
+
 class HeldData:
     """Read-only view of the tables this source loaded before."""
 
@@ -145,6 +149,19 @@ class HeldData:
         """
         any_row = "SELECT 1 FROM {table} LIMIT 1"
         return {table for table in tables if not self._query(table, any_row)}
+
+    def tables_with_column(self, tables: Sequence[str], column: str) -> Set[str]:
+        """Those of `tables` whose destination table has `column`.
+
+        Asked of the destination itself, as `tables_without_rows` is, by the columns of an
+        empty result: every SQL destination names them, whatever its error for a missing one.
+        """
+        found = set()
+        for table in tables:
+            with self._cursor(table, "SELECT * FROM {table} LIMIT 0") as cursor:
+                if cursor is not None and column in _column_names(cursor):
+                    found.add(table)
+        return found
 
     def live_segments(self) -> Dict[str, Dict[str, Any]]:
         """Segments loaded before and not marked deleted, by id, with every column held."""

@@ -40,7 +40,7 @@ from .held import HeldData, HeldMembership
 from .member_pages import Member
 from .rows import Row, membership_row, parse_datetime, profile_row
 from .segment_listing import ListedSegment
-from .walk_tables import WalkBatch
+from .walk_tables import RowStamps, WalkBatch
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +145,11 @@ class SegmentSync:
     options: MembershipOptions
     now: datetime
     handed_on: HandedOn
-    load_id: str
+    stamps: RowStamps
 
     def __post_init__(self) -> None:
         self.stats = SyncStats()
-        self._batch = WalkBatch(self.load_id)
+        self._batch = WalkBatch(self.stamps)
         # The earliest join seen a second time in this walk (a re-join while it ran).
         self._rejoined_during_walk: Optional[datetime] = None
 
@@ -350,10 +350,10 @@ def _already_read(rows: Mapping[str, HeldMembership]) -> HeldRows:
 
 
 def close_segment(
-    segment_id: str, held: HeldData, closed_at: datetime, load_id: str
+    segment_id: str, held: HeldData, closed_at: datetime, stamps: RowStamps
 ) -> Iterator[Any]:
     """End every membership the destination holds for a segment Klaviyo no longer has."""
-    batch = WalkBatch(load_id)
+    batch = WalkBatch(stamps)
     members = list(held.joined_times(segment_id))
     for start in range(0, len(members), ENDED_AT_A_TIME):
         rows = held.members_among(segment_id, members[start : start + ENDED_AT_A_TIME])
@@ -399,7 +399,7 @@ def sync_listed_segment(
     failures: Dict[str, str],
     now: datetime,
     handed_on: HandedOn,
-    load_id: str,
+    stamps: RowStamps,
 ) -> Iterator[Any]:
     """Sync one listed segment and move its cursor; a failure is recorded, not raised.
 
@@ -411,7 +411,7 @@ def sync_listed_segment(
     if not listed.selected:
         return  # kept in `segments` for its attributes; its members are not exported
     if listed.deleted_at is not None:
-        yield from close_segment(listed.id, listed.held, listed.deleted_at, load_id)
+        yield from close_segment(listed.id, listed.held, listed.deleted_at, stamps)
         cursors.pop(listed.id, None)
         reconciled.pop(listed.id, None)
         return
@@ -432,7 +432,7 @@ def sync_listed_segment(
         options=options,
         now=now,
         handed_on=handed_on,
-        load_id=load_id,
+        stamps=stamps,
     )
     try:
         yield from sync.run()

@@ -4,16 +4,19 @@ A walk writes `segment_memberships`, `segment_membership_periods` and `profiles`
 gathered into batches (`WalkBatch`) and handed to dlt as Arrow tables: dlt writes those straight
 to parquet and loads them without its row-by-row normalizer, which cost more CPU than
 everything else in an export. Arrow tables skip the columns dlt's normalizer would add, so each
-carries them itself: `_dlt_load_id` (the run's load id) and `_dlt_id` (the row's own key,
-unique in its table).
+carries `_dlt_load_id` (the run's load id) itself. They carry no `_dlt_id`: each table has a
+key of its own, and a copy of it made a DuckDB file a third larger. Tables made by earlier
+versions, which declared `_dlt_id` NOT NULL, keep getting it, a copy of the key as before
+(see `RowStamps`).
 
 Column types come from the declared columns; a profile attribute nobody declared (a field
 Klaviyo adds in a later revision) keeps the type Arrow infers for it.
 """
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Collection, Dict, Iterator, List, Optional, Sequence
+from typing import AbstractSet, Any, Collection, Dict, Iterator, List, Optional, Sequence
 
 import dlt
 import pyarrow as pa
@@ -39,7 +42,6 @@ LOAD_ID_COLUMN = "_dlt_load_id"
 ROW_ID_COLUMN = "_dlt_id"
 _BOOKKEEPING_COLUMNS: TTableSchemaColumns = {
     LOAD_ID_COLUMN: {"data_type": "text", "nullable": False},
-    ROW_ID_COLUMN: {"data_type": "text", "nullable": False},
 }
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -123,6 +125,16 @@ def quiet_json_column_notices(resource_name: str) -> None:
         dlt_logger.addFilter(_JsonColumnNotice(resource_name))
 
 
+@dataclass(frozen=True)
+class RowStamps:
+    """What this run writes into dlt's own columns of the walk tables."""
+
+    load_id: str
+    # Tables whose destination table has a `_dlt_id` column (made by an earlier version):
+    # their rows carry the key in it too, as that version's did.
+    row_id_tables: AbstractSet[str] = frozenset()
+
+
 class WalkBatch:
     """Rows of one walk, handed to dlt as Arrow tables of at most `size` rows each.
 
@@ -132,17 +144,17 @@ class WalkBatch:
     apart, only the periods no membership row describes any more (one a re-join ended).
     Membership rows are turned into Arrow every `arrow_every` rows while the batch fills: as
     Python rows they take several times the memory, and every extract worker holds a batch.
-    Each table is stamped with the run's load id and routed to its walk table.
+    Each table is stamped (`stamps`) and routed to its walk table.
     """
 
     def __init__(
         self,
-        load_id: str,
+        stamps: RowStamps,
         size: int = settings.WALK_BATCH_ROWS,
         profiles_size: int = settings.WALK_BATCH_PROFILES,
         arrow_every: int = settings.WALK_ARROW_ROWS,
     ) -> None:
-        self.load_id = load_id
+        self.stamps = stamps
         self.size = size
         self.profiles_size = profiles_size
         self.arrow_every = arrow_every
@@ -213,11 +225,13 @@ class WalkBatch:
             yield self._routed(table, settings.PROFILES_TABLE)
 
     def _routed(self, table: pa.Table, table_name: str) -> Any:
-        key = WALK_TABLES[table_name][0]
         table = table.append_column(
             pa.field(LOAD_ID_COLUMN, pa.string(), nullable=False),
-            pa.array([self.load_id] * table.num_rows, pa.string()),
-        ).append_column(pa.field(ROW_ID_COLUMN, pa.string(), nullable=False), table.column(key))
+            pa.array([self.stamps.load_id] * table.num_rows, pa.string()),
+        )
+        if table_name in self.stamps.row_id_tables:
+            key = table.column(WALK_TABLES[table_name][0])
+            table = table.append_column(pa.field(ROW_ID_COLUMN, pa.string(), nullable=False), key)
         return dlt.mark.with_table_name(table, table_name)
 
 

@@ -135,7 +135,7 @@ def _versions_written_twice_in_one_load(reader: ParquetReadback) -> Dict[str, Li
     for table, key in MERGE_KEYS.items():
         versions = reader.all_versions(table)
         if table == settings.PROFILES_TABLE:
-            versions = f"(SELECT DISTINCT * EXCLUDE (_dlt_id) FROM {versions})"
+            versions = f"(SELECT DISTINCT * FROM {versions})"
         rows = reader.raw(
             f"SELECT {key}, _dlt_load_id FROM {versions} GROUP BY ALL HAVING COUNT(*) > 1"
         )
