@@ -101,14 +101,21 @@ def klaviyo(
         dlt.current.source_state()[settings.FAILURES_STATE_KEY] = {}
         handed_on.clear()
         held = HeldData.of_current_pipeline()
+        held_tables = held.tables(list(WALK_TABLES))
         # The run has set its file format by now, on the source's copy of the resource.
         declare_walk_tables(
             dlt.current.source().resources["segment_memberships"],
-            appended=held.tables_without_rows(list(WALK_TABLES)),
+            appended={
+                name
+                for name in WALK_TABLES
+                if name not in held_tables or not held_tables[name].has_rows
+            },
         )
         quiet_json_column_notices("segment_memberships")
         row_id_tables.clear()
-        row_id_tables.update(held.tables_with_column(list(WALK_TABLES), ROW_ID_COLUMN))
+        row_id_tables.update(
+            name for name, table in held_tables.items() if ROW_ID_COLUMN in table.columns
+        )
         yield from list_segments(client, selection, segment_ids or [], held, run_started)
 
     @dlt.transformer(

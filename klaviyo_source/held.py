@@ -3,8 +3,9 @@
 dlt's `merge` replaces a whole row, and Klaviyo never says when a profile leaves or a segment
 disappears. So the source compares what Klaviyo shows now with what the destination holds:
 to keep `first_seen_at` when a join is fetched again, to skip rows that did not change, and
-to close the memberships of a deleted segment. It also tells which tables are still empty, and
-so can be appended to rather than merged into. Reads go through the pipeline's SQL client, which
+to close the memberships of a deleted segment. It also tells, of each table, whether it is still
+empty (and so can be appended to rather than merged into) and which columns it has. Reads go
+through the pipeline's SQL client, which
 works for SQL warehouses and (through DuckDB) the filesystem destination alike.
 Before the first load, or outside a pipeline, nothing is held.
 """
@@ -13,7 +14,7 @@ import contextlib
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence
 
 import dlt
 from dlt.common.pipeline import SupportsPipeline
@@ -51,8 +52,12 @@ def _newest_versions(qualified_table: str, key: str) -> str:
     )
 
 
-def _column_names(cursor: Any) -> List[str]:
-    return [description[0] for description in cursor.description or ()]
+@dataclass(frozen=True)
+class HeldTable:
+    """What the destination holds of one table: its columns, and whether it has a row."""
+
+    columns: FrozenSet[str]
+    has_rows: bool
 
 
 class HeldData:
@@ -107,12 +112,6 @@ class HeldData:
         with self._cursor(table, sql, *args, newest_versions=self._appends_versions) as cursor:
             yield cursor
 
-    def _query(
-        self, table: str, sql: str, *args: Any, newest_versions: bool = False
-    ) -> List[Sequence[Any]]:
-        with self._cursor(table, sql, *args, newest_versions=newest_versions) as cursor:
-            return [] if cursor is None else list(cursor.fetchall() or [])
-
     @contextlib.contextmanager
     def _cursor(
         self, table: str, sql: str, *args: Any, newest_versions: bool = False
@@ -141,27 +140,20 @@ class HeldData:
         )
         return {row[0]: HeldMembership(*row) for row in rows}
 
-    def tables_without_rows(self, tables: Sequence[str]) -> Set[str]:
-        """Those of `tables` the destination holds no row of, or does not have at all.
+    def tables(self, tables: Sequence[str]) -> Dict[str, HeldTable]:
+        """Those of `tables` the destination has, by name, read with one query each.
 
         Asked of the destination itself, not of the pipeline's schema: a pipeline restored
-        without its schema would otherwise take tables full of rows for new ones.
+        without its schema would otherwise take tables full of rows for new ones. The columns
+        are those the query's result names, which every SQL destination gives.
         """
-        any_row = "SELECT 1 FROM {table} LIMIT 1"
-        return {table for table in tables if not self._query(table, any_row)}
-
-    def tables_with_column(self, tables: Sequence[str], column: str) -> Set[str]:
-        """Those of `tables` whose destination table has `column`.
-
-        Asked of the destination itself, as `tables_without_rows` is, by the columns of an
-        empty result: every SQL destination names them, whatever its error for a missing one.
-        """
-        found = set()
+        held = {}
         for table in tables:
-            with self._cursor(table, "SELECT * FROM {table} LIMIT 0") as cursor:
-                if cursor is not None and column in _column_names(cursor):
-                    found.add(table)
-        return found
+            with self._cursor(table, "SELECT * FROM {table} LIMIT 1") as cursor:
+                if cursor is not None:
+                    columns = frozenset(column[0] for column in cursor.description or ())
+                    held[table] = HeldTable(columns, has_rows=cursor.fetchone() is not None)
+        return held
 
     def live_segments(self) -> Dict[str, Dict[str, Any]]:
         """Segments loaded before and not marked deleted, by id, with every column held."""

@@ -313,10 +313,8 @@ class SegmentSync:
         gone = list(remaining)
         loaded = self.handed_on.taken_in(self.segment_id, gone)
         left = [pid for pid, loaded_now in zip(gone, loaded, strict=True) if not loaded_now]
-        for start in range(0, len(left), ENDED_AT_A_TIME):
-            some = left[start : start + ENDED_AT_A_TIME]
-            rows = self._held_rows(some)
-            ended = [self._ended(rows[pid], self.now, "left") for pid in some if pid in rows]
+        for rows in _held_in_chunks(self.held, self.segment_id, left):
+            ended = [self._ended(membership, self.now, "left") for membership in rows.values()]
             self.stats.left += len(ended)
             yield from self._emit(ended, [], [])
 
@@ -349,14 +347,20 @@ def _already_read(rows: Mapping[str, HeldMembership]) -> HeldRows:
     return lambda _profile_ids: rows
 
 
+def _held_in_chunks(
+    held: HeldData, segment_id: str, profile_ids: List[str]
+) -> Iterator[Dict[str, HeldMembership]]:
+    """Whole held rows of many members, `ENDED_AT_A_TIME` at a time."""
+    for start in range(0, len(profile_ids), ENDED_AT_A_TIME):
+        yield held.members_among(segment_id, profile_ids[start : start + ENDED_AT_A_TIME])
+
+
 def close_segment(
     segment_id: str, held: HeldData, closed_at: datetime, stamps: RowStamps
 ) -> Iterator[Any]:
     """End every membership the destination holds for a segment Klaviyo no longer has."""
     batch = WalkBatch(stamps)
-    members = list(held.joined_times(segment_id))
-    for start in range(0, len(members), ENDED_AT_A_TIME):
-        rows = held.members_among(segment_id, members[start : start + ENDED_AT_A_TIME])
+    for rows in _held_in_chunks(held, segment_id, list(held.joined_times(segment_id))):
         ended = [
             membership_row(
                 segment_id,

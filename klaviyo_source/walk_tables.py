@@ -75,7 +75,7 @@ def declare_walk_tables(
     ...)`) reaches only the resource's own hints, so each run passes it on to the tables.
 
     The tables in `appended` are appended to rather than merged into: those the destination
-    holds no row of (see `HeldData.tables_without_rows`). A load hands on each key once, so
+    holds no row of (see `HeldData.tables`). A load hands on each key once, so
     into an empty table appending gives what a merge would, without a merge's staged copy of
     every row and its delete: at 1M memberships with profiles the load took 3.5 s instead of
     6 to 7.

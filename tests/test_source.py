@@ -24,7 +24,7 @@ from expected import (
 
 from klaviyo_source import settings
 from klaviyo_source.errors import KlaviyoConfigError
-from klaviyo_source.held import HeldData
+from klaviyo_source.held import HeldData, HeldTable
 from klaviyo_source.simulator import Account, KlaviyoSimulator
 from klaviyo_source.walk_tables import ROW_ID_COLUMN, WALK_TABLES
 
@@ -439,7 +439,11 @@ def test_walk_tables_carry_no_row_id_and_tables_made_with_one_keep_getting_it(
     pipeline = make_pipeline()
     with monkeypatch.context() as patched:
         patched.setattr(
-            HeldData, "tables_with_column", lambda self, tables, column: set(_WALK_TABLE_KEYS)
+            HeldData,
+            "tables",
+            lambda self, tables: {
+                name: HeldTable(frozenset({ROW_ID_COLUMN}), False) for name in tables
+            },
         )
         pipeline.run(source_for())
     assert all(_columns(pipeline, table)[ROW_ID_COLUMN] == "NO" for table in _WALK_TABLE_KEYS)
