@@ -8,7 +8,7 @@ on `membership_id`) and `profiles` (merged on id). Memberships load incrementall
 """
 
 from datetime import datetime, timezone
-from typing import Iterator, List, Optional, Sequence, Set
+from typing import Iterator, List, Optional, Sequence
 
 import dlt
 from dlt.extract import DltResource
@@ -17,8 +17,6 @@ from . import settings
 from .client import KlaviyoClient
 from .errors import KlaviyoConfigError
 from .filters import segment_selection
-from .handed_on import HandedOn
-from .held import HeldData
 from .memberships import MembershipOptions, sync_listed_segment
 from .rate_limits import RateLimiter
 from .rows import (
@@ -31,16 +29,13 @@ from .rows import (
     segment_tag_ids,
     tag_row,
 )
+from .run import start_run
 from .segment_listing import ListedSegment, list_segments
-from .walk_tables import (
-    ROW_ID_COLUMN,
-    WALK_TABLES,
-    RowStamps,
-    declare_walk_tables,
-    quiet_json_column_notices,
-)
+from .walk_tables import declare_walk_tables
 
 __all__ = ["klaviyo", "KlaviyoClient", "KlaviyoConfigError"]
+
+WALKING_RESOURCE = settings.MEMBERSHIPS_TABLE
 
 
 @dlt.source(name="klaviyo", section="klaviyo")
@@ -91,32 +86,14 @@ def klaviyo(
         raise KlaviyoConfigError(f"{error}. Fix it in [sources.klaviyo].") from error
     client = KlaviyoClient(api_key, base_url, revision, rate_limiter=limiter)
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
-    run_started = datetime.now(timezone.utc)
-    handed_on = HandedOn()
-    row_id_tables: Set[str] = set()  # see RowStamps; found anew by each run
+    started = datetime.now(timezone.utc)
 
     @dlt.resource(name="segment_listing", selected=False)
     def segment_listing() -> Iterator[ListedSegment]:
-        # Failures are per run: a segment that failed last time and works now is no failure.
-        dlt.current.source_state()[settings.FAILURES_STATE_KEY] = {}
-        handed_on.clear()
-        held = HeldData.of_current_pipeline()
-        held_tables = held.tables(list(WALK_TABLES))
-        # The run has set its file format by now, on the source's copy of the resource.
-        declare_walk_tables(
-            dlt.current.source().resources["segment_memberships"],
-            appended={
-                name
-                for name in WALK_TABLES
-                if name not in held_tables or not held_tables[name].has_rows
-            },
-        )
-        quiet_json_column_notices("segment_memberships")
-        row_id_tables.clear()
-        row_id_tables.update(
-            name for name, table in held_tables.items() if ROW_ID_COLUMN in table.columns
-        )
-        yield from list_segments(client, selection, segment_ids or [], held, run_started)
+        # Run setup, in the pipeline's thread before any segment is walked: everything the
+        # parallel walks need from dlt is read here, once, and travels with each segment.
+        run = start_run(started, WALKING_RESOURCE)
+        yield from list_segments(client, selection, segment_ids or [], run)
 
     @dlt.transformer(
         data_from=segment_listing,
@@ -145,18 +122,15 @@ def klaviyo(
         for document in client.get_tags():
             yield [tag_row(resource) for resource in document.get("data") or []]
 
-    # Fills three tables, declared by walk_tables.declare_walk_tables.
-    @dlt.transformer(data_from=segment_listing, write_disposition="merge", parallelized=True)
+    # Fills three tables, declared by walk_tables.declare_walk_tables. Each segment's walk runs
+    # in an extract worker thread; the walks share only `listed.run` and the client.
+    @dlt.transformer(
+        name=WALKING_RESOURCE,
+        data_from=segment_listing,
+        write_disposition="merge",
+        parallelized=True,
+    )
     def segment_memberships(listed: ListedSegment) -> Iterator[object]:
-        yield from sync_listed_segment(
-            client,
-            listed,
-            options,
-            dlt.current.resource_state(),
-            dlt.current.source_state()[settings.FAILURES_STATE_KEY],
-            run_started,
-            handed_on,
-            RowStamps(dlt.current.load_package_state()["load_id"], frozenset(row_id_tables)),
-        )
+        yield from sync_listed_segment(client, listed, options)
 
     return segments, tags, segment_tags, declare_walk_tables(segment_memberships)

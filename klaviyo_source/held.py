@@ -14,11 +14,12 @@ import contextlib
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence
 
 import dlt
-from dlt.common.pipeline import SupportsPipeline
 from dlt.destinations.exceptions import DatabaseUndefinedRelation
+from dlt.destinations.sql_client import SqlClientBase
 
 from . import settings
 
@@ -41,6 +42,13 @@ class HeldMembership:
 _MEMBERSHIP_COLUMNS = ("profile_id", "joined_group_at", "first_seen_at", "last_seen_at")
 _CURRENT = "segment_id = %s AND is_member"
 _KEYS = {settings.SEGMENTS_TABLE: "id", settings.MEMBERSHIPS_TABLE: "membership_id"}
+# Every table whose rows or columns a run reads back.
+_TABLES = (
+    settings.SEGMENTS_TABLE,
+    settings.MEMBERSHIPS_TABLE,
+    settings.PERIODS_TABLE,
+    settings.PROFILES_TABLE,
+)
 
 
 def _newest_versions(qualified_table: str, key: str) -> str:
@@ -61,19 +69,23 @@ class HeldTable:
 
 
 class HeldData:
-    """Read-only view of the tables this source loaded before."""
+    """Read-only view of the tables this source loaded before, shared by parallel walks.
 
-    def __init__(self, pipeline: Optional[SupportsPipeline]) -> None:
-        self._pipeline = pipeline
-        # Made here, in the thread that runs the pipeline: building a SQL client resolves
-        # configuration, which dlt does not allow from extract worker threads. Queries then
-        # share it one at a time.
-        self._client = pipeline.sql_client() if pipeline is not None else None  # type: ignore[attr-defined]
+    Made once a run, in the pipeline's thread (see `run.start_run`): it asks the pipeline for
+    its SQL client there, and reads then which tables the destination has, with their columns.
+    After that it touches nothing of the pipeline's. Walks in extract worker threads only run
+    queries, one at a time under a lock, on that one client: building a client resolves
+    configuration, which dlt does not allow from worker threads, and reading the pipeline's
+    schema from one reloads it in place under the pipeline's feet.
+    """
+
+    def __init__(self, sql_client: Optional[SqlClientBase[Any]], appends_versions: bool) -> None:
+        self._client = sql_client
         self._lock = threading.Lock()
         # Plain files cannot be merged into: the filesystem destination appends every version
         # of a row, so only each key's newest load counts.
-        destination = getattr(pipeline, "destination", None)
-        self._appends_versions = getattr(destination, "destination_name", "") == "filesystem"
+        self._appends_versions = appends_versions
+        self.tables: Mapping[str, HeldTable] = MappingProxyType(self._read_tables(_TABLES))
 
     @classmethod
     def of_current_pipeline(cls) -> "HeldData":
@@ -81,22 +93,24 @@ class HeldData:
         try:
             pipeline = dlt.current.pipeline()
         except Exception:  # no pipeline is active (the source was iterated directly)
-            return cls(None)
-        if getattr(pipeline, "destination", None) is None:
-            return cls(None)
-        return cls(pipeline)
+            return cls(None, appends_versions=False)
+        destination = getattr(pipeline, "destination", None)
+        if destination is None:
+            return cls(None, appends_versions=False)
+        return cls(
+            pipeline.sql_client(),  # type: ignore[attr-defined]
+            appends_versions=getattr(destination, "destination_name", "") == "filesystem",
+        )
 
     @property
     def available(self) -> bool:
         """Whether a destination can be read at all (False outside a pipeline)."""
         return self._client is not None
 
-    def _known_columns(self, table: str) -> List[str]:
-        """Columns the pipeline's schema has for a table; empty before its first load."""
-        if self._pipeline is None or not self._pipeline.default_schema_name:
-            return []
-        schema = self._pipeline.default_schema  # type: ignore[attr-defined]
-        return list(schema.tables.get(table, {}).get("columns", {}))
+    def _known_columns(self, table: str) -> FrozenSet[str]:
+        """Columns the destination has for a table; none before its first load."""
+        held = self.tables.get(table)
+        return held.columns if held is not None else frozenset()
 
     def _fetch(self, table: str, needs: Sequence[str], sql: str, *args: Any) -> List[Sequence[Any]]:
         """Run `sql` with `{table}` standing for the table; no rows if it was never loaded."""
@@ -140,7 +154,7 @@ class HeldData:
         )
         return {row[0]: HeldMembership(*row) for row in rows}
 
-    def tables(self, tables: Sequence[str]) -> Dict[str, HeldTable]:
+    def _read_tables(self, tables: Sequence[str]) -> Dict[str, HeldTable]:
         """Those of `tables` the destination has, by name, read with one query each.
 
         Asked of the destination itself, not of the pipeline's schema: a pipeline restored
@@ -157,11 +171,11 @@ class HeldData:
 
     def live_segments(self) -> Dict[str, Dict[str, Any]]:
         """Segments loaded before and not marked deleted, by id, with every column held."""
-        columns = [
+        columns = sorted(
             name
             for name in self._known_columns(settings.SEGMENTS_TABLE)
             if not name.startswith("_dlt_")
-        ]
+        )
         sql = f"SELECT {', '.join(columns)} FROM {{table}} WHERE deleted_at IS NULL"
         held = [
             dict(zip(columns, row, strict=True))

@@ -35,12 +35,12 @@ from .errors import (
     KlaviyoPermissionError,
 )
 from .filters import joined_after
-from .handed_on import HandedOn, Take
 from .held import HeldData, HeldMembership
 from .member_pages import Member
+from .members_this_run import MembersThisRun, Sighting
 from .rows import Row, membership_row, parse_datetime, profile_row
 from .segment_listing import ListedSegment
-from .walk_tables import RowStamps, WalkBatch
+from .walk_tables import WalkBatch
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +144,12 @@ class SegmentSync:
     held_count: int
     options: MembershipOptions
     now: datetime
-    handed_on: HandedOn
-    stamps: RowStamps
+    members: MembersThisRun
+    load_id: str
 
     def __post_init__(self) -> None:
         self.stats = SyncStats()
-        self._batch = WalkBatch(self.stamps)
+        self._batch = WalkBatch(self.load_id)
         # The earliest join seen a second time in this walk (a re-join while it ran).
         self._rejoined_during_walk: Optional[datetime] = None
 
@@ -212,20 +212,20 @@ class SegmentSync:
             if unchanged and self.cursor is not None:
                 continue  # fetched again by the lookback window, already loaded as it is
             listed.append((member, joined, held_join is not None, unchanged))
-        taken = self.handed_on.take(self.segment_id, [listing[0].id for listing in listed])
+        sightings = self.members.sight(self.segment_id, [listing[0].id for listing in listed])
         # Repeats are skipped below, so their held rows are not read.
         was_held = [
             member.id
-            for (member, _, is_held, _), take in zip(listed, taken, strict=True)
-            if is_held and take is not Take.REPEAT
+            for (member, _, is_held, _), sighting in zip(listed, sightings, strict=True)
+            if is_held and sighting is not Sighting.REPEAT
         ]
         rows = held_rows(was_held) if was_held else {}
         memberships: List[Row] = []
         ended_earlier: List[Row] = []
         profiles: List[Row] = []
-        for (member, joined, _, unchanged), take in zip(listed, taken, strict=True):
+        for (member, joined, _, unchanged), sighting in zip(listed, sightings, strict=True):
             previous = rows.get(member.id)
-            if take is Take.REPEAT:
+            if sighting is Sighting.REPEAT:
                 self._seen_again(joined)
                 continue
             if previous is not None and unchanged:
@@ -241,7 +241,7 @@ class SegmentSync:
                 membership_row(self.segment_id, member.id, joined, first_seen, self.now)
             )
             # Shaping a profile costs more than the rest of its row: only first sightings are.
-            if take is Take.PROFILE and self.options.include_profiles:
+            if sighting is Sighting.NEW_PROFILE and self.options.include_profiles:
                 profiles.append(profile_row(member.id, member.profile_attributes()))
         yield from self._emit(memberships, ended_earlier, profiles)
 
@@ -311,7 +311,7 @@ class SegmentSync:
         # A member the incremental pass loaded and this walk no longer lists left during the
         # run: its row of this load stands, and the next reconciliation ends it.
         gone = list(remaining)
-        loaded = self.handed_on.taken_in(self.segment_id, gone)
+        loaded = self.members.listed_in(self.segment_id, gone)
         left = [pid for pid, loaded_now in zip(gone, loaded, strict=True) if not loaded_now]
         for rows in _held_in_chunks(self.held, self.segment_id, left):
             ended = [self._ended(membership, self.now, "left") for membership in rows.values()]
@@ -356,10 +356,10 @@ def _held_in_chunks(
 
 
 def close_segment(
-    segment_id: str, held: HeldData, closed_at: datetime, stamps: RowStamps
+    segment_id: str, held: HeldData, closed_at: datetime, load_id: str
 ) -> Iterator[Any]:
     """End every membership the destination holds for a segment Klaviyo no longer has."""
-    batch = WalkBatch(stamps)
+    batch = WalkBatch(load_id)
     for rows in _held_in_chunks(held, segment_id, list(held.joined_times(segment_id))):
         ended = [
             membership_row(
@@ -396,31 +396,22 @@ def next_cursor(
 
 
 def sync_listed_segment(
-    client: KlaviyoClient,
-    listed: ListedSegment,
-    options: MembershipOptions,
-    state: Dict[str, Any],
-    failures: Dict[str, str],
-    now: datetime,
-    handed_on: HandedOn,
-    stamps: RowStamps,
+    client: KlaviyoClient, listed: ListedSegment, options: MembershipOptions
 ) -> Iterator[Any]:
     """Sync one listed segment and move its cursor; a failure is recorded, not raised.
 
-    `state` is the resource's dlt state (cursors and reconciliation times per segment);
-    `failures` collects this run's failed segments with their reason.
+    Runs in an extract worker thread: it touches nothing of dlt's, only `listed.run` (see
+    `run` for why that is safe).
     """
-    cursors = state.setdefault(settings.CURSORS_STATE_KEY, {})
-    reconciled = state.setdefault(settings.RECONCILED_STATE_KEY, {})
+    run = listed.run
     if not listed.selected:
         return  # kept in `segments` for its attributes; its members are not exported
     if listed.deleted_at is not None:
-        yield from close_segment(listed.id, listed.held, listed.deleted_at, stamps)
-        cursors.pop(listed.id, None)
-        reconciled.pop(listed.id, None)
+        yield from close_segment(listed.id, run.held, listed.deleted_at, run.load_id)
+        run.progress.forget(listed.id)
         return
-    cursor = _stored_time(cursors, listed.id)
-    if cursor is not None and listed.held_count == 0 and listed.held.available:
+    cursor = run.progress.cursor(listed.id)
+    if cursor is not None and listed.held_count == 0 and run.held.available:
         # The destination lost what the cursor covers (a new database file, a dropped table):
         # a cursor must never stand past data that is not loaded.
         logger.info(f"segment {listed.id}: nothing held any more, reading it from the start")
@@ -430,13 +421,13 @@ def sync_listed_segment(
         segment_id=listed.id,
         is_processing=listed.is_processing,
         cursor=cursor,
-        reconciled_at=_stored_time(reconciled, listed.id),
-        held=listed.held,
+        reconciled_at=run.progress.reconciled_at(listed.id),
+        held=run.held,
         held_count=listed.held_count,
         options=options,
-        now=now,
-        handed_on=handed_on,
-        stamps=stamps,
+        now=run.started,
+        members=run.members,
+        load_id=run.load_id,
     )
     try:
         yield from sync.run()
@@ -449,23 +440,16 @@ def sync_listed_segment(
     except (KlaviyoAPIError, RequestException) as error:
         # Keep the other segments' progress, and the pages this one fetched; it keeps its old
         # cursor and is fetched again from there by the next run.
-        failures[listed.id] = f"segment {listed.id} ({listed.name}): {error}"
-        logger.error(failures[listed.id])
+        reason = f"segment {listed.id} ({listed.name}): {error}"
+        run.progress.failed(listed.id, reason)
+        logger.error(reason)
         yield from sync.gathered()
         return
     moved = next_cursor(
         sync.cursor, sync.stats.newest, datetime.now(timezone.utc), sync.cursor_limit
     )
-    if moved is not None:
-        cursors[listed.id] = moved.isoformat()
-    if sync.walked_in_full:
-        reconciled[listed.id] = now.isoformat()
+    run.progress.walked(listed.id, moved, run.started if sync.walked_in_full else None)
     log_sync(listed.id, listed.name, sync.stats)
-
-
-def _stored_time(times: Dict[str, str], segment_id: str) -> Optional[datetime]:
-    stored = times.get(segment_id)
-    return parse_datetime(stored) if stored else None
 
 
 def log_sync(segment_id: str, name: Optional[str], stats: SyncStats) -> None:

@@ -12,19 +12,19 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 
 from .client import KlaviyoClient
 from .errors import KlaviyoConfigError, KlaviyoNotFound
-from .held import HeldData
+from .run import Run
 
 
 @dataclass(frozen=True)
 class ListedSegment:
     """A segment as this run sees it: live (`resource`) or gone (`held_row` + `deleted_at`).
 
-    `held` reads what the destination holds; it travels with each segment because it must be
-    made in the pipeline's own thread, where the listing runs.
+    `run` travels with each segment to its walk: what the run's walks share, made in the
+    pipeline's own thread, where the listing runs.
     """
 
     id: str
-    held: HeldData
+    run: Run
     held_count: int = 0
     resource: Optional[Dict[str, Any]] = None
     held_row: Optional[Dict[str, Any]] = None
@@ -46,14 +46,14 @@ def list_segments(
     client: KlaviyoClient,
     selection_filter: Optional[str],
     configured_ids: Sequence[str],
-    held: HeldData,
-    now: datetime,
+    run: Run,
 ) -> Iterator[ListedSegment]:
     """Yield every selected live segment, then every held segment that was deleted.
 
     The listing is read whole before anything is yielded, so that a misconfigured segment id
     fails the run before any segment is walked.
     """
+    held = run.held
     counts = held.member_counts()
     # Keyed by id: a segment listed on two pages is walked once.
     live_by_id: Dict[str, ListedSegment] = {}
@@ -63,7 +63,7 @@ def list_segments(
                 resource["id"],
                 ListedSegment(
                     id=resource["id"],
-                    held=held,
+                    run=run,
                     held_count=counts.get(resource["id"], 0),
                     resource=resource,
                 ),
@@ -87,11 +87,11 @@ def list_segments(
             continue
         resource = _current(client, segment_id)
         if resource is None:
-            yield ListedSegment(id=segment_id, held=held, held_row=held_row, deleted_at=now)
+            yield ListedSegment(id=segment_id, run=run, held_row=held_row, deleted_at=run.started)
         else:
             # Still in Klaviyo but no longer selected (made inactive, renamed out of a name
             # filter): its row is kept up to date, its members are no longer walked.
-            yield ListedSegment(id=segment_id, held=held, resource=resource, selected=False)
+            yield ListedSegment(id=segment_id, run=run, resource=resource, selected=False)
 
 
 def _current(client: KlaviyoClient, segment_id: str) -> Optional[Dict[str, Any]]:

@@ -5,18 +5,15 @@ gathered into batches (`WalkBatch`) and handed to dlt as Arrow tables: dlt write
 to parquet and loads them without its row-by-row normalizer, which cost more CPU than
 everything else in an export. Arrow tables skip the columns dlt's normalizer would add, so each
 carries `_dlt_load_id` (the run's load id) itself. They carry no `_dlt_id`: each table has a
-key of its own, and a copy of it made a DuckDB file a third larger. Tables made by earlier
-versions, which declared `_dlt_id` NOT NULL, keep getting it, a copy of the key as before
-(see `RowStamps`).
+key of its own, and a copy of it made a DuckDB file a third larger.
 
 Column types come from the declared columns; a profile attribute nobody declared (a field
 Klaviyo adds in a later revision) keeps the type Arrow infers for it.
 """
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime
-from typing import AbstractSet, Any, Collection, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Collection, Dict, Iterator, List, Optional, Sequence
 
 import dlt
 import pyarrow as pa
@@ -39,17 +36,16 @@ from .rows import (
 logger = logging.getLogger(__name__)
 
 LOAD_ID_COLUMN = "_dlt_load_id"
-ROW_ID_COLUMN = "_dlt_id"
 _BOOKKEEPING_COLUMNS: TTableSchemaColumns = {
     LOAD_ID_COLUMN: {"data_type": "text", "nullable": False},
 }
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
-# A run hands each key on once per load (see handed_on), so the merge skips
-# deduplicating the staged rows by key: that window over a million rows was half of the load's
-# time and made DuckDB need twice the memory.
-_MERGE_WITHOUT_DEDUPLICATION: TWriteDispositionConfig = {
+# A run loads each key once (see members_this_run): the staged rows are deduplicated already,
+# and dlt's window that would deduplicate them again over a million rows was half of the
+# load's time and made DuckDB need twice the memory.
+_MERGE_DEDUPLICATED_ROWS: TWriteDispositionConfig = {
     "disposition": "merge",
     "strategy": "delete-insert",
     "deduplicated": True,
@@ -75,7 +71,7 @@ def declare_walk_tables(
     ...)`) reaches only the resource's own hints, so each run passes it on to the tables.
 
     The tables in `appended` are appended to rather than merged into: those the destination
-    holds no row of (see `HeldData.tables`). A load hands on each key once, so
+    holds no row of (see `HeldData.tables`). A load holds each key once, so
     into an empty table appending gives what a merge would, without a merge's staged copy of
     every row and its delete: at 1M memberships with profiles the load took 3.5 s instead of
     6 to 7.
@@ -84,9 +80,7 @@ def declare_walk_tables(
     for table_name, (key, columns) in WALK_TABLES.items():
         resource.apply_hints(
             table_name=table_name,
-            write_disposition=(
-                "append" if table_name in appended else _MERGE_WITHOUT_DEDUPLICATION
-            ),
+            write_disposition=("append" if table_name in appended else _MERGE_DEDUPLICATED_ROWS),
             primary_key=key,
             columns={**columns, **_BOOKKEEPING_COLUMNS},
             file_format=file_format,
@@ -125,16 +119,6 @@ def quiet_json_column_notices(resource_name: str) -> None:
         dlt_logger.addFilter(_JsonColumnNotice(resource_name))
 
 
-@dataclass(frozen=True)
-class RowStamps:
-    """What this run writes into dlt's own columns of the walk tables."""
-
-    load_id: str
-    # Tables whose destination table has a `_dlt_id` column (made by an earlier version):
-    # their rows carry the key in it too, as that version's did.
-    row_id_tables: AbstractSet[str] = frozenset()
-
-
 class WalkBatch:
     """Rows of one walk, handed to dlt as Arrow tables of at most `size` rows each.
 
@@ -144,17 +128,17 @@ class WalkBatch:
     apart, only the periods no membership row describes any more (one a re-join ended).
     Membership rows are turned into Arrow every `arrow_every` rows while the batch fills: as
     Python rows they take several times the memory, and every extract worker holds a batch.
-    Each table is stamped (`stamps`) and routed to its walk table.
+    Each table is stamped with the run's `load_id` and routed to its walk table.
     """
 
     def __init__(
         self,
-        stamps: RowStamps,
+        load_id: str,
         size: int = settings.WALK_BATCH_ROWS,
         profiles_size: int = settings.WALK_BATCH_PROFILES,
         arrow_every: int = settings.WALK_ARROW_ROWS,
     ) -> None:
-        self.stamps = stamps
+        self.load_id = load_id
         self.size = size
         self.profiles_size = profiles_size
         self.arrow_every = arrow_every
@@ -227,11 +211,8 @@ class WalkBatch:
     def _routed(self, table: pa.Table, table_name: str) -> Any:
         table = table.append_column(
             pa.field(LOAD_ID_COLUMN, pa.string(), nullable=False),
-            pa.array([self.stamps.load_id] * table.num_rows, pa.string()),
+            pa.array([self.load_id] * table.num_rows, pa.string()),
         )
-        if table_name in self.stamps.row_id_tables:
-            key = table.column(WALK_TABLES[table_name][0])
-            table = table.append_column(pa.field(ROW_ID_COLUMN, pa.string(), nullable=False), key)
         return dlt.mark.with_table_name(table, table_name)
 
 

@@ -24,9 +24,8 @@ from expected import (
 
 from klaviyo_source import settings
 from klaviyo_source.errors import KlaviyoConfigError
-from klaviyo_source.held import HeldData, HeldTable
 from klaviyo_source.simulator import Account, KlaviyoSimulator
-from klaviyo_source.walk_tables import ROW_ID_COLUMN, WALK_TABLES
+from klaviyo_source.walk_tables import WALK_TABLES
 
 LOOKBACK = settings.DEFAULT_LOOKBACK
 
@@ -425,48 +424,12 @@ def _columns(pipeline: dlt.Pipeline, table: str) -> Dict[str, str]:
     return dict(rows)
 
 
-def test_walk_tables_carry_no_row_id_and_tables_made_with_one_keep_getting_it(
-    account: Account,
-    source_for: Callable,
-    make_pipeline: Callable,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    fresh = make_pipeline("fresh")
-    fresh.run(source_for())
-    assert not any(ROW_ID_COLUMN in _columns(fresh, table) for table in _WALK_TABLE_KEYS)
-
-    # Tables as the versions before this one made them: `_dlt_id` NOT NULL, holding the key.
+def test_walk_tables_carry_no_row_id(source_for: Callable, make_pipeline: Callable) -> None:
     pipeline = make_pipeline()
-    with monkeypatch.context() as patched:
-        patched.setattr(
-            HeldData,
-            "tables",
-            lambda self, tables: {
-                name: HeldTable(frozenset({ROW_ID_COLUMN}), False) for name in tables
-            },
-        )
-        pipeline.run(source_for())
-    assert all(_columns(pipeline, table)[ROW_ID_COLUMN] == "NO" for table in _WALK_TABLE_KEYS)
+    pipeline.run(source_for())
 
-    big = _largest_segment(account)
-    leaver, rejoiner = list(account.members(big))[:2]
-    small = min(account.memberships(), key=lambda sid: len(account.members(sid)))
-    joiner = _outsiders(account, small, 1)[0]
-    account.join(small, joiner)
-    account.leave(big, leaver)
-    account.rejoin(big, rejoiner)
-    pipeline.run(source_for(reconcile="all"))
-
-    assert loaded_memberships(pipeline) == true_memberships(account)
-    for table, key in _WALK_TABLE_KEYS.items():
-        assert query(pipeline, f"SELECT COUNT(*) FROM {table} WHERE {key} <> _dlt_id") == [(0,)]
-    rewritten = query(
-        pipeline,
-        "SELECT COUNT(*) FROM segment_membership_periods "
-        f"WHERE profile_id IN ('{leaver}', '{rejoiner}', '{joiner}') "
-        "AND _dlt_load_id = (SELECT MAX(load_id) FROM _dlt_loads)",
-    )
-    assert rewritten[0][0] >= 4  # the leave, the ended and the new period, the join
+    assert all("_dlt_id" not in _columns(pipeline, table) for table in _WALK_TABLE_KEYS)
+    assert all(_columns(pipeline, table) for table in _WALK_TABLE_KEYS)
 
 
 def test_tables_holding_rows_are_merged_into_even_when_the_pipeline_forgot_them(

@@ -7,7 +7,7 @@ import pyarrow as pa
 
 from klaviyo_source import settings
 from klaviyo_source.rows import membership_row
-from klaviyo_source.walk_tables import ROW_ID_COLUMN, RowStamps, WalkBatch
+from klaviyo_source.walk_tables import WALK_TABLES, WalkBatch
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -24,7 +24,7 @@ def _tables(items: List[Any]) -> Dict[str, List[pa.Table]]:
 
 
 def test_tables_stay_within_their_sizes_and_keep_every_row() -> None:
-    batch = WalkBatch(RowStamps("load-1"), size=50, profiles_size=7)
+    batch = WalkBatch("load-1", size=50, profiles_size=7)
     items: List[Any] = []
     for page in range(6):  # 6 pages of 20 memberships, 4 new profiles each
         rows = _memberships(120)[page * 20 : (page + 1) * 20]
@@ -51,7 +51,7 @@ def test_tables_stay_within_their_sizes_and_keep_every_row() -> None:
 
 def test_memberships_turned_into_arrow_as_they_come_keep_their_order_and_table_sizes() -> None:
     # 13 divides neither the table size nor a page: tables are cut across the Arrow pieces.
-    batch = WalkBatch(RowStamps("load-1"), size=50, profiles_size=7, arrow_every=13)
+    batch = WalkBatch("load-1", size=50, profiles_size=7, arrow_every=13)
     rows = _memberships(137)
     rejoined = membership_row("SEG", "P0", NOW, NOW, NOW, left_at_latest=NOW, left_reason="x")
     items: List[Any] = []
@@ -78,7 +78,7 @@ def test_a_period_id_is_the_membership_id_and_the_join_in_iso_8601_with_microsec
         NOW,
     ]
     rows = [membership_row("SEG", f"P{n}", joined, NOW, NOW) for n, joined in enumerate(joins)]
-    batch = WalkBatch(RowStamps("load-1"))
+    batch = WalkBatch("load-1")
     periods = _tables(list(batch.add(rows, [], [])) + list(batch.flush()))
     period_ids = periods[settings.PERIODS_TABLE][0].column("period_id").to_pylist()
 
@@ -88,15 +88,12 @@ def test_a_period_id_is_the_membership_id_and_the_join_in_iso_8601_with_microsec
     assert period_ids[0] == "SEG:P0:2024-05-01T03:04:05.000000+00:00"
 
 
-def test_only_tables_made_with_a_row_id_column_get_one_holding_the_key() -> None:
-    stamps = RowStamps("load-1", frozenset({settings.PERIODS_TABLE, settings.PROFILES_TABLE}))
-    batch = WalkBatch(stamps)
+def test_every_table_carries_the_load_id_and_no_row_id() -> None:
+    batch = WalkBatch("load-1")
     profiles = [{"id": f"P{n}", "email": f"{n}@example.com"} for n in range(3)]
     tables = _tables(list(batch.add(_memberships(3), [], profiles)) + list(batch.flush()))
 
-    assert ROW_ID_COLUMN not in tables[settings.MEMBERSHIPS_TABLE][0].column_names
-    periods = tables[settings.PERIODS_TABLE][0]
-    assert periods.column(ROW_ID_COLUMN).to_pylist() == periods.column("period_id").to_pylist()
-    assert periods.schema.field(ROW_ID_COLUMN).nullable is False
-    profile_table = tables[settings.PROFILES_TABLE][0]
-    assert profile_table.column(ROW_ID_COLUMN).to_pylist() == ["P0", "P1", "P2"]
+    assert set(tables) == set(WALK_TABLES)
+    for (table,) in tables.values():
+        assert table.column("_dlt_load_id").to_pylist() == ["load-1"] * table.num_rows
+        assert "_dlt_id" not in table.column_names

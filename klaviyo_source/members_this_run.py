@@ -1,11 +1,12 @@
-"""Which memberships and profiles this run has already handed to dlt, across parallel walks.
+"""Which members this run has already listed, across its parallel segment walks.
 
 A load holds each key at most once, so the destination need not deduplicate it: that
 deduplication is a window over every staged row, and at a million memberships it was half of
 the load's time and most of DuckDB's memory. A profile in twenty segments is listed twenty
-times and loaded once.
+times and its profile row loaded once; a member listed twice in one walk (it re-joined while
+the walk ran) is loaded once.
 
-Each profile id is kept once, with one bit for every segment it was handed on in: about 150
+Each profile id is kept once, with one bit for every segment it was listed in: about 150
 bytes a profile, where a set of ids per segment walk cost about 115 bytes a membership.
 """
 
@@ -14,43 +15,38 @@ import threading
 from typing import Dict, List, Sequence
 
 
-class Take(enum.Enum):
-    """What handing on one listed member means for this run."""
+class Sighting(enum.Enum):
+    """What listing one member means for this run."""
 
-    REPEAT = "already handed on in this segment"
-    MEMBERSHIP = "new membership of a profile already handed on"
-    PROFILE = "new membership of a profile not handed on before"
+    REPEAT = "listed before in this segment"
+    NEW_MEMBERSHIP = "first listing in this segment of a profile listed in another"
+    NEW_PROFILE = "first listing of the profile in this run"
 
 
-class HandedOn:
-    """Memberships and profiles handed on in this run; safe to share between threads."""
+class MembersThisRun:
+    """The members each segment walk of this run listed; safe to share between threads."""
 
     def __init__(self) -> None:
         self._segment_bits: Dict[str, int] = {}
         self._profile_segments: Dict[str, int] = {}  # profile id -> bits of its segments
         self._lock = threading.Lock()
 
-    def clear(self) -> None:
-        with self._lock:
-            self._segment_bits.clear()
-            self._profile_segments.clear()
-
-    def take(self, segment_id: str, profile_ids: Sequence[str]) -> List[Take]:
-        """Mark these members of `segment_id` handed on; say for each what it was before."""
+    def sight(self, segment_id: str, profile_ids: Sequence[str]) -> List[Sighting]:
+        """Mark these members of `segment_id` listed; say for each what it was before."""
         with self._lock:
             bit = self._bit(segment_id)
-            taken = []
+            sightings = []
             for profile_id in profile_ids:
                 segments = self._profile_segments.get(profile_id, 0)
                 if segments & bit:
-                    taken.append(Take.REPEAT)
+                    sightings.append(Sighting.REPEAT)
                     continue
                 self._profile_segments[profile_id] = segments | bit
-                taken.append(Take.MEMBERSHIP if segments else Take.PROFILE)
-            return taken
+                sightings.append(Sighting.NEW_MEMBERSHIP if segments else Sighting.NEW_PROFILE)
+            return sightings
 
-    def taken_in(self, segment_id: str, profile_ids: Sequence[str]) -> List[bool]:
-        """Whether each member of `segment_id` was handed on in this run."""
+    def listed_in(self, segment_id: str, profile_ids: Sequence[str]) -> List[bool]:
+        """Whether each member of `segment_id` was listed in this run."""
         with self._lock:
             bit = self._bit(segment_id)
             return [bool(self._profile_segments.get(pid, 0) & bit) for pid in profile_ids]

@@ -1,0 +1,116 @@
+"""One run of the source: what its parallel segment walks share, fixed before the first starts.
+
+Segments are walked in dlt's extract worker threads. dlt's pipeline, schema, state and injected
+context (`dlt.current.*`) belong to the pipeline's own thread: reading the pipeline's schema
+from a worker reloads it in place, and a walk that read it while another thread refilled it
+saw no tables at all, so it took every held member for new. `start_run` therefore reads
+everything a walk needs from dlt once, in the pipeline's thread, while the segment listing
+starts and before it yields the first segment. From then on the walks touch only a `Run`:
+
+- `load_id`, `started`: set once, never changed;
+- `held` (`HeldData`): its tables and columns were read at the start; its queries run one at
+  a time under its lock, on one SQL client made in the pipeline's thread;
+- `members` (`MembersThisRun`): a lock around every read and write;
+- `progress` (`SegmentProgress`): the run's only writes to dlt state, under a lock. The dicts
+  it writes are dlt's own, fetched here; a walk writes only its own segment's keys, and dlt
+  reads the state again only once the extract pool has drained.
+
+The client (`KlaviyoClient`) is shared too: each thread has its own session, and the rate
+limiter they share guards its budgets with locks of its own.
+"""
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Dict, Optional
+
+import dlt
+
+from . import settings
+from .held import HeldData
+from .members_this_run import MembersThisRun
+from .rows import parse_datetime
+from .walk_tables import WALK_TABLES, declare_walk_tables, quiet_json_column_notices
+
+
+class SegmentProgress:
+    """Each segment's cursor and last full walk, kept in dlt state, and this run's failures.
+
+    Cursors and full-walk times live in the walking resource's state, failures in the
+    source's. Failures are per run: a segment that failed last time and works now is none.
+    """
+
+    def __init__(self, walk_state: Dict[str, Any], source_state: Dict[str, Any]) -> None:
+        self._cursors: Dict[str, str] = walk_state.setdefault(settings.CURSORS_STATE_KEY, {})
+        self._reconciled: Dict[str, str] = walk_state.setdefault(settings.RECONCILED_STATE_KEY, {})
+        self._failures: Dict[str, str] = {}
+        source_state[settings.FAILURES_STATE_KEY] = self._failures
+        self._lock = threading.Lock()
+
+    def cursor(self, segment_id: str) -> Optional[datetime]:
+        """The newest join loaded for a segment, if it was ever walked."""
+        with self._lock:
+            return _time(self._cursors.get(segment_id))
+
+    def reconciled_at(self, segment_id: str) -> Optional[datetime]:
+        """When the segment was last walked in full."""
+        with self._lock:
+            return _time(self._reconciled.get(segment_id))
+
+    def walked(
+        self, segment_id: str, cursor: Optional[datetime], reconciled_at: Optional[datetime]
+    ) -> None:
+        """A walk that ended well: its cursor moves, and a full walk is remembered."""
+        with self._lock:
+            if cursor is not None:
+                self._cursors[segment_id] = cursor.isoformat()
+            if reconciled_at is not None:
+                self._reconciled[segment_id] = reconciled_at.isoformat()
+
+    def forget(self, segment_id: str) -> None:
+        """A deleted segment keeps no cursor: a segment made later with its id starts anew."""
+        with self._lock:
+            self._cursors.pop(segment_id, None)
+            self._reconciled.pop(segment_id, None)
+
+    def failed(self, segment_id: str, reason: str) -> None:
+        with self._lock:
+            self._failures[segment_id] = reason
+
+
+def _time(stored: Optional[str]) -> Optional[datetime]:
+    return parse_datetime(stored) if stored else None
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every segment walk of one run shares; see the module's docstring for why each
+    part is safe to share."""
+
+    started: datetime
+    load_id: str
+    held: HeldData
+    members: MembersThisRun
+    progress: SegmentProgress
+
+
+def start_run(started: datetime, walking_resource: str) -> Run:
+    """Read what this run's walks need from dlt, in the pipeline's thread; declare the walk
+    tables for this run."""
+    held = HeldData.of_current_pipeline()
+    # Tables the destination holds no row of are appended to rather than merged into.
+    appended = {
+        name for name in WALK_TABLES if name not in held.tables or not held.tables[name].has_rows
+    }
+    # The run has set its file format by now, on the source's copy of the resource.
+    declare_walk_tables(dlt.current.source().resources[walking_resource], appended)
+    quiet_json_column_notices(walking_resource)
+    return Run(
+        started=started,
+        load_id=dlt.current.load_package_state()["load_id"],
+        held=held,
+        members=MembersThisRun(),
+        progress=SegmentProgress(
+            dlt.current.resource_state(walking_resource), dlt.current.source_state()
+        ),
+    )
