@@ -38,7 +38,8 @@ from .filters import joined_after
 from .held import HeldData, HeldMembership
 from .member_pages import Member
 from .members_this_run import MembersThisRun, Sighting
-from .rows import Row, membership_row, parse_datetime, profile_row
+from .page_diff import diff_page, ended_membership, worth_a_look
+from .rows import Row, parse_datetime
 from .segment_listing import ListedSegment
 from .walk_tables import WalkBatch
 
@@ -202,48 +203,31 @@ class SegmentSync:
         `held_joined` says when each held member joined; `held_rows` gives whole held rows,
         asked only for the few members whose row is needed (a re-join, a reload).
         """
-        listed = []
         for member in members:
             joined = parse_datetime(member.joined_group_at)
             if self.stats.newest is None or joined > self.stats.newest:
                 self.stats.newest = joined
-            held_join = held_joined.get(member.id)
-            unchanged = held_join == joined
-            if unchanged and self.cursor is not None:
-                continue  # fetched again by the lookback window, already loaded as it is
-            listed.append((member, joined, held_join is not None, unchanged))
-        sightings = self.members.sight(self.segment_id, [listing[0].id for listing in listed])
-        # Repeats are skipped below, so their held rows are not read.
+        listed = worth_a_look(members, held_joined, reloading=self.cursor is None)
+        sightings = self.members.sight(self.segment_id, [listing.id for listing in listed])
+        # Repeats load nothing, so their held rows are not read.
         was_held = [
-            member.id
-            for (member, _, is_held, _), sighting in zip(listed, sightings, strict=True)
-            if is_held and sighting is not Sighting.REPEAT
+            listing.id
+            for listing, sighting in zip(listed, sightings, strict=True)
+            if listing.held_join is not None and sighting is not Sighting.REPEAT
         ]
-        rows = held_rows(was_held) if was_held else {}
-        memberships: List[Row] = []
-        ended_earlier: List[Row] = []
-        profiles: List[Row] = []
-        for (member, joined, _, unchanged), sighting in zip(listed, sightings, strict=True):
-            previous = rows.get(member.id)
-            if sighting is Sighting.REPEAT:
-                self._seen_again(joined)
-                continue
-            if previous is not None and unchanged:
-                first_seen = previous.first_seen_at  # cursor was reset: reload, keep history
-            else:
-                first_seen = self.now
-                if previous is None:
-                    self.stats.joined += 1
-                else:
-                    # A re-join: the earlier period ended before this join.
-                    ended_earlier.append(self._ended(previous, joined, "rejoined"))
-            memberships.append(
-                membership_row(self.segment_id, member.id, joined, first_seen, self.now)
-            )
-            # Shaping a profile costs more than the rest of its row: only first sightings are.
-            if sighting is Sighting.NEW_PROFILE and self.options.include_profiles:
-                profiles.append(profile_row(member.id, member.profile_attributes()))
-        yield from self._emit(memberships, ended_earlier, profiles)
+        diff = diff_page(
+            self.segment_id,
+            listed,
+            sightings,
+            held_rows(was_held) if was_held else {},
+            self.now,
+            self.reconciled_at,
+            self.options.include_profiles,
+        )
+        self.stats.joined += diff.joins
+        for joined in diff.repeated_joins:
+            self._seen_again(joined)
+        yield from self._emit(diff.memberships, diff.ended_earlier, diff.profiles)
 
     def _seen_again(self, joined: datetime) -> None:
         """A member listed a second time in one walk: its first sighting is the one loaded.
@@ -322,24 +306,7 @@ class SegmentSync:
         return self.held.members_among(self.segment_id, profile_ids)
 
     def _ended(self, held: HeldMembership, before: datetime, reason: str) -> Row:
-        """The held membership, ended between when it was last seen and `before`."""
-        last_seen = held.last_seen_at
-        # A full walk that found the member present saw it then, even though no row changed.
-        if (
-            self.reconciled_at is not None
-            and held.first_seen_at <= self.reconciled_at
-            and self.reconciled_at > last_seen
-        ):
-            last_seen = self.reconciled_at
-        return membership_row(
-            self.segment_id,
-            held.profile_id,
-            held.joined_group_at,
-            held.first_seen_at,
-            last_seen,
-            left_at_latest=before,
-            left_reason=reason,
-        )
+        return ended_membership(self.segment_id, held, before, reason, self.reconciled_at)
 
 
 def _already_read(rows: Mapping[str, HeldMembership]) -> HeldRows:
@@ -362,15 +329,7 @@ def close_segment(
     batch = WalkBatch(load_id)
     for rows in _held_in_chunks(held, segment_id, list(held.joined_times(segment_id))):
         ended = [
-            membership_row(
-                segment_id,
-                membership.profile_id,
-                membership.joined_group_at,
-                membership.first_seen_at,
-                membership.last_seen_at,
-                left_at_latest=closed_at,
-                left_reason="segment_deleted",
-            )
+            ended_membership(segment_id, membership, closed_at, "segment_deleted", None)
             for membership in rows.values()
         ]
         yield from batch.add(ended, [], [])

@@ -1,6 +1,7 @@
 """Shared fixtures: a simulated Klaviyo account over HTTP, and pipelines into DuckDB files."""
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator
 
@@ -13,6 +14,22 @@ from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
 # Small enough to run in seconds, large enough that the biggest segment spans many pages and
 # holds ties on joined_group_at across page boundaries.
 ACCOUNT_SIZE: Dict[str, int] = {"segments": 8, "tags": 6, "profiles": 1200, "memberships": 3000}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="seconds between forced thread switches for the whole run (sys.setswitchinterval); "
+        "1e-6 makes the interleavings of parallel walks that are rare the rule",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    interval = config.getoption("--switch-interval", default=None)
+    if interval is not None:
+        sys.setswitchinterval(interval)
 
 
 @pytest.fixture(autouse=True)
