@@ -10,19 +10,16 @@ import random
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Dict, Iterator, List, Set, Tuple
+from typing import Any, Callable, Iterator, List
 
 import dlt
 import pytest
 from dlt.common.configuration.container import Container
 from dlt.common.storages.live_schema_storage import LiveSchemaStorage
-from expected import loaded_memberships, query, true_memberships, utc
+from expected import loaded_memberships, true_memberships
+from scenarios import assert_run_was_exact, change_account, first_seen_at
 
 from klaviyo_source.simulator import Account
-
-Key = Tuple[str, str]  # (segment id, profile id)
 
 
 @pytest.fixture
@@ -34,96 +31,6 @@ def switching_often() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(before)
-
-
-@dataclass
-class Changes:
-    """What changed in the account between two runs, to check the next run against."""
-
-    left: Set[Key]
-    rejoined: Set[Key]
-    deleted_segment: str
-    deleted_members: Set[str]
-
-
-def _first_seen(pipeline: dlt.Pipeline) -> Dict[Key, datetime]:
-    rows = query(
-        pipeline,
-        "SELECT segment_id, profile_id, first_seen_at FROM segment_memberships WHERE is_member",
-    )
-    return {(segment_id, profile_id): utc(seen) for segment_id, profile_id, seen in rows}
-
-
-def _change(account: Account, rng: random.Random, delete: bool) -> Changes:
-    """Leaves, joins and re-joins in every settled segment with members (a processing one is
-    reconciled once it settles); with `delete`, one of them deleted."""
-    processing = {sid for sid, segment in account.segments().items() if segment["is_processing"]}
-    segments = sorted(
-        sid for sid, members in account.memberships().items() if members and sid not in processing
-    )
-    deleted = segments.pop(rng.randrange(len(segments))) if delete else ""
-    deleted_members = set(account.members(deleted)) if deleted else set()
-    if deleted:
-        account.delete_segment(deleted)
-    joined_at = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
-    profiles = sorted(account.profiles())
-    left: Set[Key] = set()
-    rejoined: Set[Key] = set()
-    for segment_id in segments:
-        members = sorted(account.members(segment_id))
-        for profile_id in rng.sample(members, min(len(members) - 1, rng.randint(1, 5))):
-            account.leave(segment_id, profile_id)
-            left.add((segment_id, profile_id))
-        staying = sorted(set(account.members(segment_id)))
-        profile_id = rng.choice(staying)
-        account.rejoin(segment_id, profile_id, at=joined_at)
-        rejoined.add((segment_id, profile_id))
-        for profile_id in rng.sample(profiles, 4):
-            # One that just left and joins again is a re-join, not a join: kept apart.
-            if profile_id not in account.members(segment_id) and (
-                (segment_id, profile_id) not in left
-            ):
-                account.join(segment_id, profile_id, at=joined_at)
-    return Changes(left, rejoined, deleted, deleted_members)
-
-
-def _assert_run_was_exact(
-    pipeline: dlt.Pipeline,
-    account: Account,
-    before: Dict[Key, datetime],
-    changes: Changes,
-) -> None:
-    """The run's tables equal the truth, and every change left its history behind."""
-    assert loaded_memberships(pipeline) == true_memberships(account)
-    # A member that did not change keeps the first sighting of its membership.
-    first_seen = _first_seen(pipeline)
-    unchanged = set(before) & set(first_seen) - changes.rejoined
-    assert {key: first_seen[key] for key in unchanged} == {key: before[key] for key in unchanged}
-    ended = {
-        (segment_id, profile_id): reason
-        for segment_id, profile_id, reason in query(
-            pipeline,
-            "SELECT segment_id, profile_id, left_reason FROM segment_memberships "
-            "WHERE NOT is_member",
-        )
-    }
-    assert {key: ended.get(key) for key in changes.left} == dict.fromkeys(changes.left, "left")
-    closed = {
-        profile_id
-        for (segment_id, profile_id), reason in ended.items()
-        if segment_id == changes.deleted_segment and reason == "segment_deleted"
-    }
-    assert closed == changes.deleted_members
-    # A re-join closes the period before it as re-joined.
-    rejoin_closed = {
-        (segment_id, profile_id)
-        for segment_id, profile_id in query(
-            pipeline,
-            "SELECT segment_id, profile_id FROM segment_membership_periods "
-            "WHERE left_reason = 'rejoined'",
-        )
-    }
-    assert changes.rejoined <= rejoin_closed
 
 
 def _read_mid_refill(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,13 +62,13 @@ def test_a_walk_that_reads_while_the_schema_is_refilled_still_loads_the_truth(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    before = _first_seen(pipeline)
-    changes = _change(account, random.Random(1), delete=True)
+    before = first_seen_at(pipeline)
+    changes = change_account(account, random.Random(1), delete=True)
 
     _read_mid_refill(monkeypatch)
     pipeline.run(source_for(reconcile="all"))
 
-    _assert_run_was_exact(pipeline, account, before, changes)
+    assert_run_was_exact(pipeline, account, before, changes)
 
 
 def _dlt_context_reads_from_walk_threads(monkeypatch: pytest.MonkeyPatch) -> List[str]:
@@ -191,7 +98,7 @@ def test_walk_threads_touch_neither_dlt_state_nor_context(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    _change(account, random.Random(2), delete=True)
+    change_account(account, random.Random(2), delete=True)
     schema_reads: List[str] = []
     schema_of = vars(dlt.Pipeline)["default_schema"].fget
 
@@ -222,7 +129,7 @@ def test_runs_with_every_kind_of_change_stay_exact_when_threads_switch_constantl
     pipeline = make_pipeline()
     pipeline.run(source_for())
     for run in range(3):
-        before = _first_seen(pipeline)
-        changes = _change(account, rng, delete=run == 1)
+        before = first_seen_at(pipeline)
+        changes = change_account(account, rng, delete=run == 1)
         pipeline.run(source_for(reconcile="all"))
-        _assert_run_was_exact(pipeline, account, before, changes)
+        assert_run_was_exact(pipeline, account, before, changes)

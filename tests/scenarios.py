@@ -1,0 +1,104 @@
+"""Scenarios shared by the tests and the concurrency soak: an account changed in every way a
+run must notice, and the check that a run recorded each change exactly."""
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Dict, Set, Tuple
+
+import dlt
+from expected import loaded_memberships, query, true_memberships, utc
+
+from klaviyo_source.simulator import Account
+
+Key = Tuple[str, str]  # (segment id, profile id)
+
+
+@dataclass
+class Changes:
+    """What changed in the account between two runs, to check the next run against."""
+
+    left: Set[Key]
+    rejoined: Set[Key]
+    deleted_segment: str
+    deleted_members: Set[str]
+
+
+def first_seen_at(pipeline: dlt.Pipeline) -> Dict[Key, datetime]:
+    rows = query(
+        pipeline,
+        "SELECT segment_id, profile_id, first_seen_at FROM segment_memberships WHERE is_member",
+    )
+    return {(segment_id, profile_id): utc(seen) for segment_id, profile_id, seen in rows}
+
+
+def change_account(account: Account, rng: random.Random, delete: bool) -> Changes:
+    """Leaves, joins and re-joins in every settled segment with members (a processing one is
+    reconciled once it settles); with `delete`, one of them deleted."""
+    processing = {sid for sid, segment in account.segments().items() if segment["is_processing"]}
+    segments = sorted(
+        sid for sid, members in account.memberships().items() if members and sid not in processing
+    )
+    deleted = segments.pop(rng.randrange(len(segments))) if delete else ""
+    deleted_members = set(account.members(deleted)) if deleted else set()
+    if deleted:
+        account.delete_segment(deleted)
+    joined_at = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
+    profiles = sorted(account.profiles())
+    left: Set[Key] = set()
+    rejoined: Set[Key] = set()
+    for segment_id in segments:
+        members = sorted(account.members(segment_id))
+        for profile_id in rng.sample(members, min(len(members) - 1, rng.randint(1, 5))):
+            account.leave(segment_id, profile_id)
+            left.add((segment_id, profile_id))
+        staying = sorted(set(account.members(segment_id)))
+        profile_id = rng.choice(staying)
+        account.rejoin(segment_id, profile_id, at=joined_at)
+        rejoined.add((segment_id, profile_id))
+        for profile_id in rng.sample(profiles, 4):
+            # One that just left and joins again is a re-join, not a join: kept apart.
+            if profile_id not in account.members(segment_id) and (
+                (segment_id, profile_id) not in left
+            ):
+                account.join(segment_id, profile_id, at=joined_at)
+    return Changes(left, rejoined, deleted, deleted_members)
+
+
+def assert_run_was_exact(
+    pipeline: dlt.Pipeline,
+    account: Account,
+    before: Dict[Key, datetime],
+    changes: Changes,
+) -> None:
+    """The run's tables equal the truth, and every change left its history behind."""
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    # A member that did not change keeps the first sighting of its membership.
+    first_seen = first_seen_at(pipeline)
+    unchanged = set(before) & set(first_seen) - changes.rejoined
+    assert {key: first_seen[key] for key in unchanged} == {key: before[key] for key in unchanged}
+    ended = {
+        (segment_id, profile_id): reason
+        for segment_id, profile_id, reason in query(
+            pipeline,
+            "SELECT segment_id, profile_id, left_reason FROM segment_memberships "
+            "WHERE NOT is_member",
+        )
+    }
+    assert {key: ended.get(key) for key in changes.left} == dict.fromkeys(changes.left, "left")
+    closed = {
+        profile_id
+        for (segment_id, profile_id), reason in ended.items()
+        if segment_id == changes.deleted_segment and reason == "segment_deleted"
+    }
+    assert closed == changes.deleted_members
+    # A re-join closes the period before it as re-joined.
+    rejoin_closed = {
+        (segment_id, profile_id)
+        for segment_id, profile_id in query(
+            pipeline,
+            "SELECT segment_id, profile_id FROM segment_membership_periods "
+            "WHERE left_reason = 'rejoined'",
+        )
+    }
+    assert changes.rejoined <= rejoin_closed
