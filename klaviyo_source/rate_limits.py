@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 from pyrate_limiter import Limiter, Rate
@@ -141,6 +141,9 @@ class RateLimiter:
     spend the rest); `time_scale` shortens the windows for simulators that run time faster.
     `pace=False` keeps only the pauses Klaviyo asks for (a client without a configured budget).
     `revision` picks the published limits that revision documents.
+    `clock` and `sleep` time the pauses (a 429's or an exhausted window's) and the waits
+    counted in `stats`; tests pass a controlled clock to check exact waits. Pacing itself is
+    pyrate-limiter's and keeps to its own clock.
     """
 
     def __init__(
@@ -149,6 +152,9 @@ class RateLimiter:
         time_scale: float = 1.0,
         pace: bool = True,
         revision: str = settings.DEFAULT_REVISION,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"rate_limit_share must be in (0, 1], got {share}")
@@ -158,6 +164,8 @@ class RateLimiter:
         self.time_scale = time_scale
         self.pace = pace
         self.revision = revision
+        self._clock = clock
+        self._sleep = sleep
         self.stats = RateStats()
         self._limiters: Dict[str, Limiter] = {}
         self._paused_until: Dict[str, float] = {}
@@ -199,21 +207,21 @@ class RateLimiter:
 
     def paused_for(self, budgets: List[Budget]) -> float:
         """Seconds left before these budgets may be spent again (0 when none is paused)."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             until = max((self._paused_until.get(b.name, 0.0) for b in budgets), default=0.0)
         return max(0.0, until - now)
 
     def acquire(self, budgets: List[Budget]) -> None:
         """Block until every budget has room for one more request, then spend it."""
-        started = time.monotonic()
+        started = self._clock()
         with self._lock:
             self.stats.requests += 1
         while True:
             # Pauses first: a thread that took room before a pause would send after it, at
             # the same moment as every other such thread, and overrun the window it resumes in.
             while (pause := self.paused_for(budgets)) > 0:
-                time.sleep(pause)
+                self._sleep(pause)
             if self.pace:
                 for budget in budgets:
                     self._limiter(budget).try_acquire(budget.name)
@@ -221,13 +229,13 @@ class RateLimiter:
                 break
             # Another thread's 429 paused the budget while this one waited for room: the room
             # taken is given up, and taken again once the pause is over.
-        waited = time.monotonic() - started
+        waited = self._clock() - started
         with self._lock:
             self.stats.waited_seconds += waited
 
     def pause(self, budgets: List[Budget], seconds: float) -> None:
         """Hold every thread off these budgets for `seconds` (a pause never gets shorter)."""
-        until = time.monotonic() + seconds
+        until = self._clock() + seconds
         with self._lock:
             for budget in budgets:
                 self._paused_until[budget.name] = max(self._paused_until.get(budget.name, 0), until)
@@ -283,7 +291,7 @@ class RateLimiter:
         else:
             key = budgets[0].name if budgets else ""
             with self._lock:
-                paused = self._paused_until.get(key, 0.0) > time.monotonic()
+                paused = self._paused_until.get(key, 0.0) > self._clock()
                 streak = self._backoff_streak.get(key, 0) + (0 if paused else 1)
                 self._backoff_streak[key] = max(streak, 1)
             wait = min(backoff_factor * 2 ** (max(streak, 1) - 1), max_delay)

@@ -125,6 +125,54 @@ def statuses(simulator: KlaviyoSimulator, operation: Optional[str] = None) -> Co
     )
 
 
+class ManualClock:
+    """Monotonic seconds for a `RateLimiter` that move only when the test moves them.
+
+    `sleep` records each wait. With `advance_on_sleep` it moves the clock by the wait at once
+    (one thread, nothing to coordinate); otherwise it blocks the calling thread until the test
+    has moved the clock past the wait's end, so a test can see who is held and for how long.
+    """
+
+    def __init__(self, start: float = 1000.0, advance_on_sleep: bool = False) -> None:
+        self.now = start
+        self.advance_on_sleep = advance_on_sleep
+        self.sleeps: List[float] = []
+        self._sleeping = 0
+        self._changed = threading.Condition()
+
+    def __call__(self) -> float:
+        with self._changed:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._changed:
+            self.sleeps.append(seconds)
+            end = self.now + seconds
+            if self.advance_on_sleep:
+                self.now = end
+                return
+            self._sleeping += 1
+            self._changed.notify_all()
+            try:
+                # A real-time bound only so that a broken test fails instead of hanging.
+                woken = self._changed.wait_for(lambda: self.now >= end, timeout=30)
+                assert woken, f"slept {seconds} s and the test never moved the clock"
+            finally:
+                self._sleeping -= 1
+
+    def advance(self, seconds: float) -> None:
+        with self._changed:
+            self.now += seconds
+            self._changed.notify_all()
+
+    def wait_for_sleepers(self, count: int) -> None:
+        """Return once `count` threads are asleep on this clock."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self._sleeping >= count, timeout=10), (
+                f"{self._sleeping} threads asleep, expected {count}"
+            )
+
+
 # -- 1. every fault kind, during parallel segment walks --------------------------------------
 
 FAULTS = [
@@ -236,28 +284,35 @@ def test_429_storm_during_parallel_walks_ends_with_the_truth(
 def test_a_429_pauses_its_budget_for_every_thread_and_only_that_budget(
     simulator: KlaviyoSimulator,
 ) -> None:
-    limiter = RateLimiter(time_scale=1000)  # pauses are in real seconds whatever the scale
+    # The limiter's pauses run on a clock that moves only when the test moves it, so each
+    # wait is exact and "held" means "asleep until the clock is moved", not "took long".
+    clock = ManualClock()
+    limiter = RateLimiter(time_scale=1000, clock=clock, sleep=clock.sleep)
     client = KlaviyoClient(simulator.api_key, simulator.base_url, rate_limiter=limiter)
-    # A 3 s pause leaves room for a loaded machine between "not held" and "held".
     simulator.inject_fault("throttle", times=1, path_contains="/api/tags", retry_after=3)
     first = threading.Thread(target=lambda: list(client.get_tags()))
     first.start()
-    deadline = time.monotonic() + 5
-    while not any(r.status == 429 for r in log_of(simulator)):
-        assert time.monotonic() < deadline, "the throttled request never arrived"
-        time.sleep(0.01)
-    throttled_at = next(r.timestamp for r in log_of(simulator) if r.status == 429)
+    clock.wait_for_sleepers(1)  # the throttled thread waits out Retry-After
+    assert [r.status for r in log_of(simulator)] == [429]
 
-    list(client.get_segments())  # another budget: not held
-    list(client.get_tags())  # this thread's first request on the paused budget: held
+    list(client.get_segments())  # another budget: answered while the clock stands still
+    second = threading.Thread(target=lambda: list(client.get_tags()))
+    second.start()
+    clock.wait_for_sleepers(2)  # a thread that never saw the 429 is held on its first request
+    assert clock.sleeps == [3.0, 3.0]
+    assert [(r.operation, r.status) for r in log_of(simulator)] == [
+        ("get_tags", 429),
+        ("get_segments", 200),
+    ]
+
+    clock.advance(3.0)
     first.join(timeout=10)
-
-    segments_at = next(r.timestamp for r in log_of(simulator) if r.operation == "get_segments")
-    tags_at = sorted(
-        r.timestamp for r in log_of(simulator) if r.operation == "get_tags" and r.status == 200
-    )
-    assert segments_at - throttled_at < 2.0
-    assert len(tags_at) == 2 and tags_at[0] - throttled_at >= 2.95
+    second.join(timeout=10)
+    assert not first.is_alive() and not second.is_alive()
+    assert [(r.operation, r.status) for r in log_of(simulator)][2:] == [("get_tags", 200)] * 2
+    assert clock.sleeps == [3.0, 3.0]  # woken at the end of the pause, not sent to sleep again
+    assert limiter.stats.waited_seconds == 6.0
+    assert limiter.stats.throttled == 1
 
 
 def test_threads_waiting_out_a_pause_resume_at_the_paced_rate(account: Account) -> None:
@@ -284,27 +339,29 @@ def test_threads_waiting_out_a_pause_resume_at_the_paced_rate(account: Account) 
 def test_a_429_without_retry_after_backs_off_exponentially_then_gives_up(
     simulator: KlaviyoSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("RUNTIME__REQUEST_BACKOFF_FACTOR", "0.1")
-    monkeypatch.setenv("RUNTIME__REQUEST_MAX_RETRY_DELAY", "0.4")
+    # Powers of two, so that the waits and their sums are exact in floating point.
+    monkeypatch.setenv("RUNTIME__REQUEST_BACKOFF_FACTOR", "0.125")
+    monkeypatch.setenv("RUNTIME__REQUEST_MAX_RETRY_DELAY", "0.5")
+    clock = ManualClock(advance_on_sleep=True)
     # Pacing at 1000x, so that only the backoff spaces the attempts (tags allow 3 a second).
-    limiter = RateLimiter(time_scale=1000)
+    limiter = RateLimiter(time_scale=1000, clock=clock, sleep=clock.sleep)
     client = KlaviyoClient(simulator.api_key, simulator.base_url, rate_limiter=limiter)
     simulator.inject_fault("throttle", times=3, path_contains="/api/tags", retry_after=None)
 
     assert list(client.get_tags())
-    stamps = [r.timestamp for r in log_of(simulator) if r.operation == "get_tags"]
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    assert len(gaps) == 3
-    # 0.1, 0.2 and 0.4 s: the pause doubles for each throttled wave on the budget.
-    for gap, wait in zip(gaps, (0.1, 0.2, 0.4), strict=True):
-        assert wait - 0.02 <= gap < wait + 0.3
+    assert [r.status for r in log_of(simulator)] == [429, 429, 429, 200]
+    # The pause doubles for each throttled wave on the budget.
+    assert clock.sleeps == [0.125, 0.25, 0.5]
 
-    # 4 attempts at most 0.4 s apart: a request waits out 1.2 s of 429s, then gives up.
+    # With 4 attempts of at most 0.5 s, a request waits out 1.5 s of 429s: waits of 0.125,
+    # 0.25, 0.5 and 0.5 s fit, the fifth 429 would make it 2 s, and the request gives up.
     simulator.reset_counters()
+    clock.sleeps.clear()
     simulator.inject_fault("throttle", times=100, path_contains="/api/tags", retry_after=None)
-    with pytest.raises(KlaviyoRateLimited, match=r"429 throttled to GET /api/tags.*attempts"):
+    with pytest.raises(KlaviyoRateLimited, match=r"429 throttled to GET /api/tags.*5 attempts"):
         list(client.get_tags())
-    assert 4 <= count_of(simulator, "get_tags") <= 6
+    assert count_of(simulator, "get_tags") == 5
+    assert clock.sleeps == [0.125, 0.25, 0.5, 0.5]
 
 
 def test_remaining_zero_pauses_the_budget_until_the_window_resets(account: Account) -> None:

@@ -20,9 +20,11 @@ if str(REPO_ROOT) not in sys.path:
 
 from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account  # noqa: E402
 
-SHARED = REPO_ROOT.parent / "shared"
-SPEC_PATH = SHARED / "klaviyo-openapi" / "segments-subset.json"
-EXAMPLES = SHARED / "klaviyo-openapi" / "examples"
+# Everything the tests read lives in the repository, so a plain clone can run them; see
+# klaviyo_openapi/README.md for where these files come from and how to refresh them.
+SPEC_DIR = Path(__file__).resolve().parent / "klaviyo_openapi"
+SPEC_PATH = SPEC_DIR / "segments-subset.json"
+EXAMPLES = SPEC_DIR / "examples"
 REVISION = "2026-07-15"
 SMALL = {"segments": 8, "tags": 6, "profiles": 900, "memberships": 2600}
 

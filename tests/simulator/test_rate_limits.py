@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -170,20 +169,28 @@ def test_keys_share_the_account_budget(
     _assert_throttled(two.get("/api/tags"), 1)
 
 
-def test_switch_and_time_scale_on_a_real_clock(tools: Any) -> None:
+def test_switch_and_time_scale(clock: FakeClock, tools: Any) -> None:
     account = generate_account(seed=9, segments=3, tags=2, profiles=40, memberships=60)
-    with KlaviyoSimulator(account, time_scale=60) as sim:
+    with KlaviyoSimulator(account, time_scale=60, rate_limit_clock=clock) as sim:
         client = tools.Client(sim)
         sim.rate_limits_enabled = False
+        # The clock stands still, so with limits on the 4th of these would be throttled.
         assert all(client.get("/api/tags").status_code == 200 for _ in range(30))
         sim.rate_limits_enabled = True
-        resp = next(
-            r for r in (client.get("/api/tags") for _ in range(200)) if r.status_code == 429
-        )
-        assert resp.headers["Retry-After"] == "1"  # a 60 s window lasts 1 s
-        time.sleep(1.05)
+        # At 60x the S tier's 1 s burst window lasts 1/60 s and its 60 s steady window 1 s.
+        # Requests 1/64 s apart put at most two in a burst window, so the steady limit of 60
+        # is the one reached; 1/64 and its multiples are exact in floating point.
+        for sent in range(60):
+            resp = client.get("/api/tags")
+            assert resp.status_code == 200
+            assert resp.headers["RateLimit-Remaining"] == str(59 - sent)  # none counted while off
+            clock.t += 1 / 64
+        _assert_throttled(client.get("/api/tags"), 1)  # 0.9375 s into the 1 s window
+        clock.t += 0.0625  # exactly one scaled minute after the first request
         ok = client.get("/api/tags")
-        assert ok.status_code == 200 and int(ok.headers["RateLimit-Reset"]) == 1
+        assert ok.status_code == 200
+        assert ok.headers["RateLimit-Remaining"] == "59"
+        assert ok.headers["RateLimit-Reset"] == "1"
 
 
 def test_limiter_windows_unit(clock: FakeClock) -> None:
@@ -198,5 +205,5 @@ def test_limiter_windows_unit(clock: FakeClock) -> None:
     assert allowed.allowed and allowed.remaining == 60 - 4
     scaled = RateLimiter(clock=clock, time_scale=10)
     decision = scaled.check(charge)
-    assert decision.allowed and decision.reset <= 6
+    assert decision.allowed and decision.reset == 6  # a 60 s window lasts 6 s at 10x
     assert tier_windows("L", 700)[1].limit == 700 and tier_windows("XL")[0].limit == 350
