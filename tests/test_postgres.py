@@ -35,6 +35,7 @@ from postgres_server import PostgresServer, postgres_server_fixture
 
 from klaviyo_source import settings
 from klaviyo_source.simulator import Account, generate_account
+from klaviyo_source.summary import membership_summary
 from klaviyo_source.views import create_views
 
 # Small enough for a few seconds per test; the largest segment still spans four pages.
@@ -336,6 +337,24 @@ def assert_views_match_truth(reader: Any, account: Account, deleted: Optional[st
     if deleted is not None:
         truth[deleted] = 0
     assert last_size == truth
+
+
+def summary_counts(summary: str) -> Tuple[Dict[str, int], str]:
+    """Members per segment id, and the closing total line, of `membership_summary`'s table."""
+    *table, total = summary.splitlines()
+    counts = {}
+    for line in table[2:]:  # under the header and its rule
+        _, segment_id, members = line.rsplit(None, 2)
+        counts[segment_id] = int(members)
+    return counts, total
+
+
+def assert_summary_matches_truth(pipeline: dlt.Pipeline, account: Account) -> None:
+    """The run's summary counts each live segment's current members once, as Klaviyo does."""
+    counts, total = summary_counts(membership_summary(pipeline))
+    truth = {segment_id: len(account.members(segment_id)) for segment_id in account.segments()}
+    assert counts == truth
+    assert total == f"{len(truth)} segments, {sum(truth.values())} memberships"
 
 
 def run_two_scenario_runs(
