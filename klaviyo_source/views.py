@@ -29,6 +29,9 @@ MERGE_KEYS: Dict[str, str] = {
     settings.PROFILES_TABLE: "id",
 }
 
+# How a re-join ends the period before it (rows.membership_row's `left_reason`).
+REJOINED = "rejoined"
+
 
 def appends_versions(pipeline: SupportsPipeline) -> bool:
     """Whether the pipeline's destination keeps every loaded version of a merged row.
@@ -95,22 +98,32 @@ LEFT JOIN {table(settings.SEGMENTS_TABLE)} AS s ON s.id = h.segment_id"""
 
 
 def _joins_leaves_daily(table: Qualify) -> str:
-    # A leave counts on the day it was found; it happened after `left_at_earliest`. Days are
-    # UTC days whatever the session's time zone.
+    # A join counts on the day of its `joined_group_at`; a leave on the day it was found (it
+    # happened after `left_at_earliest`). Days are UTC days whatever the session's time zone.
+    # A re-join is neither a leave nor a join: the member stayed, with a new join time. It ends
+    # the period before it at the new join's time (`left_at_latest` = the new period's
+    # `joined_group_at`), so on that same day the new period's start is taken back out of the
+    # joins and counted as a re-join instead. New columns come last, so that the printed
+    # `CREATE OR REPLACE VIEW` still replaces a view made by an earlier version.
     periods = table(settings.PERIODS_TABLE)
     return f"""
-SELECT segment_id, day, CAST(SUM(joins) AS BIGINT) AS joins,
-       CAST(SUM(leaves) AS BIGINT) AS leaves
+SELECT changes.segment_id, changes.day, CAST(SUM(changes.joins) AS BIGINT) AS joins,
+       CAST(SUM(changes.leaves) AS BIGINT) AS leaves,
+       CAST(SUM(changes.rejoins) AS BIGINT) AS rejoins, s.name AS segment_name
 FROM (
     SELECT segment_id, CAST(joined_group_at AT TIME ZONE 'UTC' AS DATE) AS day, 1 AS joins,
-           0 AS leaves
+           0 AS leaves, 0 AS rejoins
     FROM {periods} AS started
     UNION ALL
-    SELECT segment_id, CAST(left_at_latest AT TIME ZONE 'UTC' AS DATE) AS day, 0 AS joins,
-           1 AS leaves
-    FROM {periods} AS ended WHERE left_at_latest IS NOT NULL
+    SELECT segment_id, CAST(left_at_latest AT TIME ZONE 'UTC' AS DATE) AS day,
+           CASE WHEN left_reason = '{REJOINED}' THEN -1 ELSE 0 END AS joins,
+           CASE WHEN left_reason = '{REJOINED}' THEN 0 ELSE 1 END AS leaves,
+           CASE WHEN left_reason = '{REJOINED}' THEN 1 ELSE 0 END AS rejoins
+    FROM {periods} AS ended
+    WHERE left_at_latest IS NOT NULL
 ) AS changes
-GROUP BY segment_id, day"""
+LEFT JOIN {table(settings.SEGMENTS_TABLE)} AS s ON s.id = changes.segment_id
+GROUP BY changes.segment_id, s.name, changes.day"""
 
 
 def _size_daily(view: Qualify) -> str:
@@ -118,7 +131,8 @@ def _size_daily(view: Qualify) -> str:
 SELECT segment_id, day, joins, leaves,
        CAST(SUM(joins - leaves) OVER (
            PARTITION BY segment_id ORDER BY day ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
-       ) AS BIGINT) AS members
+       ) AS BIGINT) AS members,
+       rejoins, segment_name
 FROM {view("segment_joins_leaves_daily")}"""
 
 

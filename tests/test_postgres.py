@@ -275,6 +275,30 @@ def snapshot(reader: Any) -> Dict[str, List[Tuple[Any, ...]]]:
     return {table: table_snapshot(reader, table) for table in DATA_TABLES}
 
 
+Period = Tuple[str, str, datetime, Optional[datetime], Optional[str], bool]
+
+
+def daily_changes(periods: List[Period]) -> Dict[Tuple[str, date], List[int]]:
+    """[joins, leaves, re-joins] per segment and UTC day, from every period of the history.
+
+    A re-join ends the period before it at the new period's join: the new period is then a
+    re-join, not a join, and the ended one no leave. Any other ending is a leave, counted on
+    the day it was found (`left_at_latest`).
+    """
+    rejoins = {
+        (segment_id, profile_id, utc(left_at_latest))
+        for segment_id, profile_id, _, left_at_latest, reason, _ in periods
+        if reason == "rejoined" and left_at_latest is not None
+    }
+    changes: Dict[Tuple[str, date], List[int]] = {}
+    for segment_id, profile_id, joined, left_at_latest, reason, _ in periods:
+        started = 2 if (segment_id, profile_id, utc(joined)) in rejoins else 0
+        changes.setdefault((segment_id, utc(joined).date()), [0, 0, 0])[started] += 1
+        if left_at_latest is not None and reason != "rejoined":
+            changes.setdefault((segment_id, utc(left_at_latest).date()), [0, 0, 0])[1] += 1
+    return changes
+
+
 def assert_views_match_truth(reader: Any, account: Account, deleted: Optional[str]) -> None:
     """The four views answer like the tables, and the tables like the truth."""
     segments = account.segments()
@@ -317,14 +341,20 @@ def assert_views_match_truth(reader: Any, account: Account, deleted: Optional[st
             high = (after - joined).total_seconds() + 1
             assert low / 86400 <= float(days) <= high / 86400
 
-    # Joins and leaves per UTC day, from the history table.
-    expected_daily: Dict[Tuple[str, date], List[int]] = {}
-    for segment_id, _, joined, left_at_latest, _, _ in periods:
-        expected_daily.setdefault((segment_id, utc(joined).date()), [0, 0])[0] += 1
-        if left_at_latest is not None:
-            expected_daily.setdefault((segment_id, utc(left_at_latest).date()), [0, 0])[1] += 1
-    daily = query(reader, "SELECT segment_id, day, joins, leaves FROM segment_joins_leaves_daily")
-    assert {(r[0], r[1]): [int(r[2]), int(r[3])] for r in daily} == expected_daily
+    # Joins, leaves and re-joins per UTC day, from the history table; each with its name.
+    daily = query(
+        reader,
+        "SELECT segment_id, day, joins, leaves, rejoins, segment_name "
+        "FROM segment_joins_leaves_daily",
+    )
+    assert {(r[0], r[1]): [int(r[2]), int(r[3]), int(r[4])] for r in daily} == daily_changes(
+        periods
+    )
+    for segment_id, _, _, _, _, name in daily:
+        if segment_id in segments:
+            assert name == segments[segment_id]["name"]
+        else:
+            assert segment_id == deleted and name
 
     # The size on each segment's last day is its member count now (0 once deleted).
     sizes = query(reader, "SELECT segment_id, day, members FROM segment_size_daily ORDER BY day")
