@@ -11,7 +11,15 @@ from typing import Callable, Dict, List
 import dlt
 import pytest
 from expected import query, utc
-from test_postgres import ACCOUNT_SEED, SMALL_ACCOUNT, VIEWS
+from test_postgres import (
+    ACCOUNT_SEED,
+    SMALL_ACCOUNT,
+    VIEWS,
+    assert_newest_version_reading_changes_nothing_here,
+    assert_summary_matches_truth,
+    assert_views_match_truth,
+    run_two_scenario_runs,
+)
 
 from klaviyo_source.simulator import Account, generate_account
 from klaviyo_source.views import create_views
@@ -86,3 +94,16 @@ def test_a_rejoin_is_no_leave_and_leaves_count_on_the_day_they_were_found(
         f"WHERE segment_id = '{segment_id}' ORDER BY day DESC LIMIT 1",
     )
     assert sizes == [(len(account.members(segment_id)), account.segments()[segment_id]["name"])]
+
+
+def test_every_view_and_the_summary_on_duckdb_state_the_truth_after_every_kind_of_change(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+
+    changes, _ = run_two_scenario_runs(lambda: pipeline.run(source_for()), pipeline, account)
+
+    assert create_views(pipeline) == list(VIEWS)
+    assert_views_match_truth(pipeline, account, deleted=changes.deleted)
+    assert_summary_matches_truth(pipeline, account)
+    assert_newest_version_reading_changes_nothing_here(pipeline)
