@@ -34,18 +34,21 @@ REJOINED = "rejoined"
 
 
 def appends_versions(pipeline: SupportsPipeline) -> bool:
-    """Whether the pipeline's destination keeps every loaded version of a merged row.
+    """Whether the pipeline's destination may keep several loaded versions of a merged row.
 
-    Told by the destination's type, not its name, which a user may choose.
+    Told by the destination's type, not its name, which a user may choose. A filesystem
+    destination writing delta or iceberg tables does merge; reading the newest version of each
+    key is right there as well, only slower.
     """
     destination = getattr(pipeline, "destination", None)
     return str(getattr(destination, "destination_type", "")).endswith(".filesystem")
 
 
-def newest_versions(qualified_table: str, key: str) -> str:
+def newest_version_of_each_key(qualified_table: str, key: str) -> str:
     """A derived table (without alias) of the newest loaded version of each `key`.
 
-    A load's id grows with time, so the greatest `_dlt_load_id` is the newest version.
+    A load's id grows with time, so the greatest `_dlt_load_id` is the newest version. The
+    rows keep every column of the table, and gain `version_rank`.
     """
     return (
         f"(SELECT * FROM (SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.{key} "
@@ -61,7 +64,7 @@ def table_reader(qualify: Qualify, newest_only: bool) -> Qualify:
     def read(table: str) -> str:
         qualified = qualify(table)
         if newest_only and table in MERGE_KEYS:
-            return newest_versions(qualified, MERGE_KEYS[table])
+            return newest_version_of_each_key(qualified, MERGE_KEYS[table])
         return qualified
 
     return read
@@ -170,9 +173,7 @@ def create_views(pipeline: SupportsPipeline) -> List[str]:
         client = pipeline.sql_client()  # type: ignore[attr-defined]
     except Exception:  # destination without a SQL client
         return []
-    if not getattr(client, "capabilities", None) or client.__class__.__name__.startswith(
-        "Filesystem"
-    ):
+    if not getattr(client, "capabilities", None):
         return []
     with client:
         definitions = view_definitions(
