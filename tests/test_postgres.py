@@ -401,7 +401,7 @@ def run_two_scenario_runs(
     return changes, snapshot(reader)
 
 
-def assert_newest_version_reading_changes_nothing_here(pipeline: dlt.Pipeline) -> None:
+def assert_newest_version_views_answer_alike(pipeline: dlt.Pipeline) -> None:
     """The views as read over files that keep every row version run on this server too; where
     merges left one version per key they answer as the views do (all but the moving
     `days_in_segment`)."""
@@ -465,7 +465,7 @@ def test_second_run_into_postgres_follows_every_change(
     assert _views_in(postgres_server, postgres_pipeline.dataset_name) == set(VIEWS)
     assert_views_match_truth(postgres_pipeline, account, deleted=changes.deleted)
     assert_summary_matches_truth(postgres_pipeline, account)
-    assert_newest_version_reading_changes_nothing_here(postgres_pipeline)
+    assert_newest_version_views_answer_alike(postgres_pipeline)
 
     # Nothing changed since: the held rows are read back from PostgreSQL and nothing moves.
     run()
