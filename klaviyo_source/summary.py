@@ -5,14 +5,26 @@ from typing import Dict
 from dlt.common.pipeline import SupportsPipeline
 
 from . import settings
+from .views import Qualify, appends_versions, table_reader
 
-_MEMBERS_PER_SEGMENT = f"""
+
+def _members_per_segment(table: Qualify) -> str:
+    return f"""
 SELECT s.id, s.name, SUM(CASE WHEN m.is_member THEN 1 ELSE 0 END) AS members
-FROM {settings.SEGMENTS_TABLE} AS s
-LEFT JOIN {settings.MEMBERSHIPS_TABLE} AS m ON m.segment_id = s.id
+FROM {table(settings.SEGMENTS_TABLE)} AS s
+LEFT JOIN {table(settings.MEMBERSHIPS_TABLE)} AS m ON m.segment_id = s.id
 WHERE s.deleted_at IS NULL
 GROUP BY s.id, s.name
 ORDER BY members DESC, s.name
+"""
+
+
+def _segments_without_members(table: Qualify) -> str:
+    return f"""
+SELECT s.id, s.name, 0 AS members
+FROM {table(settings.SEGMENTS_TABLE)} AS s
+WHERE s.deleted_at IS NULL
+ORDER BY s.name
 """
 
 
@@ -23,14 +35,19 @@ def failed_segments(pipeline: SupportsPipeline) -> Dict[str, str]:
 
 
 def membership_summary(pipeline: SupportsPipeline) -> str:
-    """A short table of current members per live segment, read from the destination."""
+    """A short table of current members per live segment, read from the destination.
+
+    On a destination that keeps every version of a merged row (the filesystem destination),
+    only each key's newest version counts.
+    """
     dataset = pipeline.dataset()  # type: ignore[attr-defined]
     if settings.SEGMENTS_TABLE not in dataset.tables:
         return "No segments loaded."
+    table = table_reader(lambda name: name, newest_only=appends_versions(pipeline))
     if settings.MEMBERSHIPS_TABLE not in dataset.tables:
-        query = f"SELECT id, name, 0 AS members FROM {settings.SEGMENTS_TABLE} ORDER BY name"
+        query = _segments_without_members(table)
     else:
-        query = _MEMBERS_PER_SEGMENT
+        query = _members_per_segment(table)
     rows = dataset(query).fetchall()
     width = max([len(str(name)) for _, name, _ in rows] + [len("segment")])
     lines = [f"{'segment':<{width}}  {'id':<8}  members", "-" * (width + 19)]

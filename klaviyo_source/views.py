@@ -3,10 +3,14 @@
 The SQL is plain enough for DuckDB and PostgreSQL alike. `create_views` creates them in the
 pipeline's dataset after a load; `view_definitions` returns the same statements for any other
 warehouse (print them with `python -m klaviyo_source.views <schema>`).
+
+Plain files cannot be merged into: the filesystem destination appends every version of a
+merged row. Read over such files (`newest_versions=True`, or `--newest-versions` when printing),
+the views keep only the newest loaded version of each key.
 """
 
+import argparse
 import logging
-import sys
 from typing import Callable, Dict, List
 
 from dlt.common.pipeline import SupportsPipeline
@@ -17,23 +21,71 @@ from . import settings
 Qualify = Callable[[str], str]
 logger = logging.getLogger(__name__)
 
+# The key of every merged table: one current row per key, the newest loaded version.
+MERGE_KEYS: Dict[str, str] = {
+    settings.SEGMENTS_TABLE: "id",
+    settings.MEMBERSHIPS_TABLE: "membership_id",
+    settings.PERIODS_TABLE: "period_id",
+    settings.PROFILES_TABLE: "id",
+}
 
-def _current_members(q: Qualify, with_profiles: bool) -> str:
+# How a re-join ends the period before it (rows.membership_row's `left_reason`).
+REJOINED = "rejoined"
+
+
+def appends_versions(pipeline: SupportsPipeline) -> bool:
+    """Whether the pipeline's destination may keep several loaded versions of a merged row.
+
+    Told by the destination's type, not its name, which a user may choose. A filesystem
+    destination writing delta or iceberg tables does merge; reading the newest version of each
+    key is right there as well, only slower.
+    """
+    destination = getattr(pipeline, "destination", None)
+    return str(getattr(destination, "destination_type", "")).endswith(".filesystem")
+
+
+def newest_version_of_each_key(qualified_table: str, key: str) -> str:
+    """A derived table (without alias) of the newest loaded version of each `key`.
+
+    A load's id grows with time, so the greatest `_dlt_load_id` is the newest version. The
+    rows keep every column of the table, and gain `version_rank`.
+    """
+    return (
+        f"(SELECT * FROM (SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.{key} "
+        f"ORDER BY v._dlt_load_id DESC) AS version_rank FROM {qualified_table} AS v) AS ranked "
+        "WHERE version_rank = 1)"
+    )
+
+
+def table_reader(qualify: Qualify, newest_only: bool) -> Qualify:
+    """How a query names a loaded table: qualified, and for merged tables held in versions
+    (`newest_only`) as the derived table of their newest versions."""
+
+    def read(table: str) -> str:
+        qualified = qualify(table)
+        if newest_only and table in MERGE_KEYS:
+            return newest_version_of_each_key(qualified, MERGE_KEYS[table])
+        return qualified
+
+    return read
+
+
+def _current_members(table: Qualify, with_profiles: bool) -> str:
     email = ", p.email" if with_profiles else ""
     profiles = (
-        f" LEFT JOIN {q(settings.PROFILES_TABLE)} AS p ON p.id = m.profile_id"
+        f" LEFT JOIN {table(settings.PROFILES_TABLE)} AS p ON p.id = m.profile_id"
         if with_profiles
         else ""
     )
     return f"""
 SELECT m.segment_id, s.name AS segment_name, m.profile_id{email},
        m.joined_group_at, m.first_seen_at
-FROM {q(settings.MEMBERSHIPS_TABLE)} AS m
-JOIN {q(settings.SEGMENTS_TABLE)} AS s ON s.id = m.segment_id AND s.deleted_at IS NULL{profiles}
+FROM {table(settings.MEMBERSHIPS_TABLE)} AS m
+JOIN {table(settings.SEGMENTS_TABLE)} AS s ON s.id = m.segment_id AND s.deleted_at IS NULL{profiles}
 WHERE m.is_member"""
 
 
-def _history(q: Qualify) -> str:
+def _history(table: Qualify) -> str:
     # A period lasts from its join until the member was found gone (the leave's upper bound);
     # an open period lasts until now.
     return f"""
@@ -44,43 +96,62 @@ SELECT h.segment_id, s.name AS segment_name, h.profile_id, h.joined_group_at,
            EXTRACT(EPOCH FROM (COALESCE(h.left_at_latest, CURRENT_TIMESTAMP) - h.joined_group_at))
            AS DOUBLE PRECISION
        ) / 86400.0 AS days_in_segment
-FROM {q(settings.PERIODS_TABLE)} AS h
-LEFT JOIN {q(settings.SEGMENTS_TABLE)} AS s ON s.id = h.segment_id"""
+FROM {table(settings.PERIODS_TABLE)} AS h
+LEFT JOIN {table(settings.SEGMENTS_TABLE)} AS s ON s.id = h.segment_id"""
 
 
-def _joins_leaves_daily(q: Qualify) -> str:
-    # A leave counts on the day it was found; it happened after `left_at_earliest`. Days are
-    # UTC days whatever the session's time zone.
+def _joins_leaves_daily(table: Qualify) -> str:
+    # A join counts on the day of its `joined_group_at`; a leave on the day it was found (it
+    # happened after `left_at_earliest`). Days are UTC days whatever the session's time zone.
+    # A re-join is neither a leave nor a join: the member stayed, with a new join time. It ends
+    # the period before it at the new join's time (`left_at_latest` = the new period's
+    # `joined_group_at`), so on that same day the new period's start is taken back out of the
+    # joins and counted as a re-join instead. New columns come last, so that the printed
+    # `CREATE OR REPLACE VIEW` still replaces a view made by an earlier version.
+    periods = table(settings.PERIODS_TABLE)
     return f"""
-SELECT segment_id, day, CAST(SUM(joins) AS BIGINT) AS joins,
-       CAST(SUM(leaves) AS BIGINT) AS leaves
+SELECT changes.segment_id, changes.day, CAST(SUM(changes.joins) AS BIGINT) AS joins,
+       CAST(SUM(changes.leaves) AS BIGINT) AS leaves,
+       CAST(SUM(changes.rejoins) AS BIGINT) AS rejoins, s.name AS segment_name
 FROM (
     SELECT segment_id, CAST(joined_group_at AT TIME ZONE 'UTC' AS DATE) AS day, 1 AS joins,
-           0 AS leaves
-    FROM {q(settings.PERIODS_TABLE)}
+           0 AS leaves, 0 AS rejoins
+    FROM {periods} AS started
     UNION ALL
-    SELECT segment_id, CAST(left_at_latest AT TIME ZONE 'UTC' AS DATE) AS day, 0 AS joins,
-           1 AS leaves
-    FROM {q(settings.PERIODS_TABLE)} WHERE left_at_latest IS NOT NULL
+    SELECT segment_id, CAST(left_at_latest AT TIME ZONE 'UTC' AS DATE) AS day,
+           CASE WHEN left_reason = '{REJOINED}' THEN -1 ELSE 0 END AS joins,
+           CASE WHEN left_reason = '{REJOINED}' THEN 0 ELSE 1 END AS leaves,
+           CASE WHEN left_reason = '{REJOINED}' THEN 1 ELSE 0 END AS rejoins
+    FROM {periods} AS ended
+    WHERE left_at_latest IS NOT NULL
 ) AS changes
-GROUP BY segment_id, day"""
+LEFT JOIN {table(settings.SEGMENTS_TABLE)} AS s ON s.id = changes.segment_id
+GROUP BY changes.segment_id, s.name, changes.day"""
 
 
-def _size_daily(q: Qualify) -> str:
+def _size_daily(view: Qualify) -> str:
     return f"""
 SELECT segment_id, day, joins, leaves,
        CAST(SUM(joins - leaves) OVER (
            PARTITION BY segment_id ORDER BY day ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
-       ) AS BIGINT) AS members
-FROM {q("segment_joins_leaves_daily")}"""
+       ) AS BIGINT) AS members,
+       rejoins, segment_name
+FROM {view("segment_joins_leaves_daily")}"""
 
 
-def view_definitions(qualify: Qualify, with_profiles: bool = True) -> Dict[str, str]:
-    """`CREATE VIEW` bodies by view name, in the order they must be created."""
+def view_definitions(
+    qualify: Qualify, with_profiles: bool = True, newest_versions: bool = False
+) -> Dict[str, str]:
+    """`CREATE VIEW` bodies by view name, in the order they must be created.
+
+    `qualify` names a table or view. `newest_versions`: the merged tables hold every loaded
+    version of a row (the filesystem destination's files), and the views read only the newest.
+    """
+    table = table_reader(qualify, newest_versions)
     return {
-        "current_segment_members": _current_members(qualify, with_profiles),
-        "segment_membership_history": _history(qualify),
-        "segment_joins_leaves_daily": _joins_leaves_daily(qualify),
+        "current_segment_members": _current_members(table, with_profiles),
+        "segment_membership_history": _history(table),
+        "segment_joins_leaves_daily": _joins_leaves_daily(table),
         "segment_size_daily": _size_daily(qualify),
     }
 
@@ -89,19 +160,20 @@ def create_views(pipeline: SupportsPipeline) -> List[str]:
     """Create (or replace) the views in the pipeline's dataset; returns their names.
 
     Does nothing on destinations without SQL views (the filesystem destination): query the
-    tables there, or apply `view_definitions` in the engine that reads them. A view the
-    destination refuses is reported, not raised: the load it follows has succeeded.
+    tables there, or apply `view_definitions(..., newest_versions=True)` in the engine that
+    reads them. A view the destination refuses is reported, not raised: the load it follows
+    has succeeded.
     """
     tables = pipeline.default_schema.tables  # type: ignore[attr-defined]
     if settings.PERIODS_TABLE not in tables or settings.SEGMENTS_TABLE not in tables:
+        return []
+    if appends_versions(pipeline):
         return []
     try:
         client = pipeline.sql_client()  # type: ignore[attr-defined]
     except Exception:  # destination without a SQL client
         return []
-    if not getattr(client, "capabilities", None) or client.__class__.__name__.startswith(
-        "Filesystem"
-    ):
+    if not getattr(client, "capabilities", None):
         return []
     with client:
         definitions = view_definitions(
@@ -128,7 +200,21 @@ def account_union_sql(datasets: Dict[str, str], view: str = "current_segment_mem
     )
 
 
+def _print_definitions() -> None:
+    parser = argparse.ArgumentParser(description="Print the CREATE VIEW statements.")
+    parser.add_argument("schema", nargs="?", default="klaviyo")
+    parser.add_argument(
+        "--newest-versions",
+        action="store_true",
+        help="the tables hold every loaded version of a row (filesystem destination files)",
+    )
+    args = parser.parse_args()
+    definitions = view_definitions(
+        lambda name: f"{args.schema}.{name}", newest_versions=args.newest_versions
+    )
+    for view, sql in definitions.items():
+        print(f"CREATE OR REPLACE VIEW {args.schema}.{view} AS{sql};\n")
+
+
 if __name__ == "__main__":
-    schema = sys.argv[1] if len(sys.argv) > 1 else "klaviyo"
-    for view, sql in view_definitions(lambda name: f"{schema}.{name}").items():
-        print(f"CREATE OR REPLACE VIEW {schema}.{view} AS{sql};\n")
+    _print_definitions()

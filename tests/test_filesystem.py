@@ -7,6 +7,7 @@ versions of the rows it changed. Read back the way a user of the files would, wi
 (klaviyo_source/held.py). The scenario steps and checks are those of tests/test_postgres.py.
 """
 
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
@@ -19,6 +20,7 @@ from test_postgres import (
     MERGE_KEYS,
     SMALL_ACCOUNT,
     assert_first_run_matches_truth,
+    assert_summary_matches_truth,
     assert_views_match_truth,
     run_two_scenario_runs,
     snapshot,
@@ -29,6 +31,8 @@ from klaviyo_source.simulator import Account, generate_account
 from klaviyo_source.views import create_views, view_definitions
 
 DATASET = "klaviyo"
+# The DuckDB schema of the readback that shows every row version the files hold.
+ALL_VERSIONS = "files"
 
 
 @pytest.fixture(autouse=True)
@@ -46,10 +50,14 @@ def account() -> Account:
 class ParquetReadback:
     """The tables a filesystem pipeline wrote, as DuckDB views over its parquet files.
 
-    A merged table shows the newest loaded version of each key; a replaced table shows its
-    files as they are (dlt deletes the earlier ones). The four SQL views of
-    `klaviyo_source.views` are created on top, from `view_definitions`. Offers `sql_client()`
-    and `default_schema` like a pipeline, so tests/expected.py's readers work on it.
+    Schema `files` holds every row version the files hold, as dlt's own reader of the files
+    (`pipeline.dataset()`) shows them. The tables of the main schema show, for a merged table,
+    the newest loaded version of each key (read here independently of the project's SQL); a
+    replaced table shows its files as they are (dlt deletes the earlier ones). The four SQL
+    views of `klaviyo_source.views` are created over the `files` schema with
+    `view_definitions(..., newest_versions=True)`, as a user of the files would. Offers
+    `sql_client()` and `default_schema` like a pipeline, so tests/expected.py's readers work
+    on it.
     """
 
     def __init__(self, pipeline: dlt.Pipeline, bucket: Path) -> None:
@@ -58,6 +66,7 @@ class ParquetReadback:
         self.connection = duckdb.connect()
         # The views turn timestamps into days; make those UTC days, as on the test server.
         self.connection.execute("SET TimeZone = 'UTC'")
+        self.connection.execute(f"CREATE SCHEMA {ALL_VERSIONS}")
 
     @property
     def default_schema(self) -> Any:
@@ -75,6 +84,9 @@ class ParquetReadback:
             if not self.files(table):
                 continue
             source = self.all_versions(table)
+            self.connection.execute(
+                f"CREATE OR REPLACE VIEW {ALL_VERSIONS}.{table} AS SELECT * FROM {source}"
+            )
             key = MERGE_KEYS.get(table)
             if key is not None:
                 source = (
@@ -84,7 +96,12 @@ class ParquetReadback:
                 )
             self.connection.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {source}")
         if self.files(settings.PERIODS_TABLE):
-            for name, body in view_definitions(lambda name: name).items():
+            definitions = view_definitions(
+                lambda name: f"{ALL_VERSIONS}.{name}" if name in DATA_TABLES else name,
+                with_profiles=bool(self.files(settings.PROFILES_TABLE)),
+                newest_versions=True,
+            )
+            for name, body in definitions.items():
                 self.connection.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
 
     # The sql_client() protocol that tests/expected.py uses.
@@ -204,3 +221,51 @@ def test_second_run_to_parquet_follows_every_change(
     assert snapshot(reader) == after_second
     assert _row_versions(reader, unchanged_tables) == before
     assert_views_match_truth(reader, account, deleted=changes.deleted)
+
+
+def _settled_segments(account: Account) -> List[str]:
+    """Segments with members that are not processing (and so are walked for leaves)."""
+    segments = account.segments()
+    return sorted(
+        sid
+        for sid, members in account.memberships().items()
+        if members and not segments[sid]["is_processing"]
+    )
+
+
+def _change_members(account: Account, segments: Sequence[str], joined: datetime) -> None:
+    """A join, a leave and a re-join, each in a segment of its own."""
+    joins, leaves, rejoins = segments
+    newcomer = next(pid for pid in sorted(account.profiles()) if pid not in account.members(joins))
+    account.join(joins, newcomer, at=joined)
+    account.leave(leaves, sorted(account.members(leaves))[0])
+    account.rejoin(rejoins, sorted(account.members(rejoins))[0], at=joined)
+
+
+def test_three_runs_to_parquet_count_each_key_once_in_summary_and_views(
+    account: Account,
+    source_for: Callable,
+    parquet_pipeline: Tuple[dlt.Pipeline, ParquetReadback],
+) -> None:
+    pipeline, reader = parquet_pipeline
+    settled = _settled_segments(account)
+    assert len(settled) >= 3, "the changes need three settled segments with members"
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+
+    _run(pipeline, source_for)
+    _change_members(account, settled[:3], joined=now - timedelta(minutes=2))
+    _run(pipeline, source_for)
+    # The other way round: the segment that lost a member gains one, and so on.
+    _change_members(account, settled[2::-1], joined=now - timedelta(minutes=1))
+    _run(pipeline, source_for)
+
+    # The files hold a version of every segment per run, and the earlier versions of every
+    # membership that changed.
+    for table in (settings.SEGMENTS_TABLE, settings.MEMBERSHIPS_TABLE):
+        versions = reader.raw(f"SELECT COUNT(*) FROM {reader.all_versions(table)}")[0][0]
+        keys = reader.raw(
+            f"SELECT COUNT(DISTINCT {MERGE_KEYS[table]}) FROM {reader.all_versions(table)}"
+        )[0][0]
+        assert versions > keys, table
+    assert_summary_matches_truth(pipeline, account)
+    assert_views_match_truth(reader, account, deleted=None)

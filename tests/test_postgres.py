@@ -35,7 +35,8 @@ from postgres_server import PostgresServer, postgres_server_fixture
 
 from klaviyo_source import settings
 from klaviyo_source.simulator import Account, generate_account
-from klaviyo_source.views import create_views
+from klaviyo_source.summary import membership_summary
+from klaviyo_source.views import create_views, view_definitions
 
 # Small enough for a few seconds per test; the largest segment still spans four pages.
 SMALL_ACCOUNT: Dict[str, int] = {"segments": 6, "tags": 4, "profiles": 400, "memberships": 1000}
@@ -274,6 +275,30 @@ def snapshot(reader: Any) -> Dict[str, List[Tuple[Any, ...]]]:
     return {table: table_snapshot(reader, table) for table in DATA_TABLES}
 
 
+Period = Tuple[str, str, datetime, Optional[datetime], Optional[str], bool]
+
+
+def daily_changes(periods: List[Period]) -> Dict[Tuple[str, date], List[int]]:
+    """[joins, leaves, re-joins] per segment and UTC day, from every period of the history.
+
+    A re-join ends the period before it at the new period's join: the new period is then a
+    re-join, not a join, and the ended one no leave. Any other ending is a leave, counted on
+    the day it was found (`left_at_latest`).
+    """
+    rejoins = {
+        (segment_id, profile_id, utc(left_at_latest))
+        for segment_id, profile_id, _, left_at_latest, reason, _ in periods
+        if reason == "rejoined" and left_at_latest is not None
+    }
+    changes: Dict[Tuple[str, date], List[int]] = {}
+    for segment_id, profile_id, joined, left_at_latest, reason, _ in periods:
+        started = 2 if (segment_id, profile_id, utc(joined)) in rejoins else 0
+        changes.setdefault((segment_id, utc(joined).date()), [0, 0, 0])[started] += 1
+        if left_at_latest is not None and reason != "rejoined":
+            changes.setdefault((segment_id, utc(left_at_latest).date()), [0, 0, 0])[1] += 1
+    return changes
+
+
 def assert_views_match_truth(reader: Any, account: Account, deleted: Optional[str]) -> None:
     """The four views answer like the tables, and the tables like the truth."""
     segments = account.segments()
@@ -316,14 +341,20 @@ def assert_views_match_truth(reader: Any, account: Account, deleted: Optional[st
             high = (after - joined).total_seconds() + 1
             assert low / 86400 <= float(days) <= high / 86400
 
-    # Joins and leaves per UTC day, from the history table.
-    expected_daily: Dict[Tuple[str, date], List[int]] = {}
-    for segment_id, _, joined, left_at_latest, _, _ in periods:
-        expected_daily.setdefault((segment_id, utc(joined).date()), [0, 0])[0] += 1
-        if left_at_latest is not None:
-            expected_daily.setdefault((segment_id, utc(left_at_latest).date()), [0, 0])[1] += 1
-    daily = query(reader, "SELECT segment_id, day, joins, leaves FROM segment_joins_leaves_daily")
-    assert {(r[0], r[1]): [int(r[2]), int(r[3])] for r in daily} == expected_daily
+    # Joins, leaves and re-joins per UTC day, from the history table; each with its name.
+    daily = query(
+        reader,
+        "SELECT segment_id, day, joins, leaves, rejoins, segment_name "
+        "FROM segment_joins_leaves_daily",
+    )
+    assert {(r[0], r[1]): [int(r[2]), int(r[3]), int(r[4])] for r in daily} == daily_changes(
+        periods
+    )
+    for segment_id, _, _, _, _, name in daily:
+        if segment_id in segments:
+            assert name == segments[segment_id]["name"]
+        else:
+            assert segment_id == deleted and name
 
     # The size on each segment's last day is its member count now (0 once deleted).
     sizes = query(reader, "SELECT segment_id, day, members FROM segment_size_daily ORDER BY day")
@@ -338,6 +369,24 @@ def assert_views_match_truth(reader: Any, account: Account, deleted: Optional[st
     assert last_size == truth
 
 
+def summary_counts(summary: str) -> Tuple[Dict[str, int], str]:
+    """Members per segment id, and the closing total line, of `membership_summary`'s table."""
+    *table, total = summary.splitlines()
+    counts = {}
+    for line in table[2:]:  # under the header and its rule
+        _, segment_id, members = line.rsplit(None, 2)
+        counts[segment_id] = int(members)
+    return counts, total
+
+
+def assert_summary_matches_truth(pipeline: dlt.Pipeline, account: Account) -> None:
+    """The run's summary counts each live segment's current members once, as Klaviyo does."""
+    counts, total = summary_counts(membership_summary(pipeline))
+    truth = {segment_id: len(account.members(segment_id)) for segment_id in account.segments()}
+    assert counts == truth
+    assert total == f"{len(truth)} segments, {sum(truth.values())} memberships"
+
+
 def run_two_scenario_runs(
     run: Callable[[], Any], reader: Any, account: Account
 ) -> Tuple[Changes, Dict[str, List[Tuple[Any, ...]]]]:
@@ -350,6 +399,23 @@ def run_two_scenario_runs(
     run()
     assert_second_run_matches_truth(reader, account, changes, first_seen)
     return changes, snapshot(reader)
+
+
+def assert_newest_version_views_answer_alike(pipeline: dlt.Pipeline) -> None:
+    """The views as read over files that keep every row version run on this server too; where
+    merges left one version per key they answer as the views do (all but the moving
+    `days_in_segment`)."""
+    with pipeline.sql_client() as client:
+        definitions = view_definitions(client.make_qualified_table_name, newest_versions=True)
+        for name, body in definitions.items():
+            view = client.make_qualified_table_name(name)
+            with client.execute_query(f"SELECT * FROM {view} LIMIT 0") as cursor:
+                names = [column[0] for column in cursor.description]
+            columns = ", ".join(column for column in names if column != "days_in_segment")
+            read_anew = client.execute_sql(f"SELECT {columns} FROM ({body}) AS v") or []
+            created = client.execute_sql(f"SELECT {columns} FROM {view}") or []
+            assert sorted(read_anew, key=repr) == sorted(created, key=repr), name
+            assert created, name
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------
@@ -381,6 +447,7 @@ def test_first_run_into_postgres_equals_the_truth(
     assert create_views(postgres_pipeline) == list(VIEWS)
     assert _views_in(postgres_server, postgres_pipeline.dataset_name) == set(VIEWS)
     assert_views_match_truth(postgres_pipeline, account, deleted=None)
+    assert_summary_matches_truth(postgres_pipeline, account)
 
 
 def test_second_run_into_postgres_follows_every_change(
@@ -397,6 +464,8 @@ def test_second_run_into_postgres_follows_every_change(
     assert create_views(postgres_pipeline) == list(VIEWS)
     assert _views_in(postgres_server, postgres_pipeline.dataset_name) == set(VIEWS)
     assert_views_match_truth(postgres_pipeline, account, deleted=changes.deleted)
+    assert_summary_matches_truth(postgres_pipeline, account)
+    assert_newest_version_views_answer_alike(postgres_pipeline)
 
     # Nothing changed since: the held rows are read back from PostgreSQL and nothing moves.
     run()
