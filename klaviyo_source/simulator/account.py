@@ -272,7 +272,8 @@ class Account:
             return str(pid)
 
     def update_profile(self, profile_id: str, **attrs: Any) -> None:
-        """Replace the given attributes and bump ``updated`` (unless ``updated`` is given)."""
+        """Replace the given attributes (push tokens included) and set ``updated`` to now,
+        unless a non-null ``updated`` is given."""
         unknown = set(attrs) - set(PROFILE_ATTRIBUTE_ORDER) - {"push_tokens"}
         if unknown:
             raise TypeError(f"unknown profile attributes: {sorted(unknown)}")
@@ -289,7 +290,8 @@ class Account:
                     profile[name] = location
                 else:
                     profile[name] = copy.deepcopy(value)
-            if "updated" not in attrs:
+            # Klaviyo stamps every change of a profile; a profile is never without `updated`.
+            if attrs.get("updated") is None:
                 profile["updated"] = self.now()
             self._profile_rev[profile_id] += 1
             self._bump()
@@ -516,6 +518,10 @@ class Account:
     def peek_profile(self, profile_id: str) -> dict[str, Any]:
         """Live profile attributes. Caller holds ``lock``."""
         return self._profiles[profile_id]
+
+    def peek_profiles(self) -> dict[str, dict[str, Any]]:
+        """Live profile attributes by id. Caller holds ``lock`` and must not mutate."""
+        return self._profiles
 
     def peek_profile_rev(self, profile_id: str) -> int:
         """Revision counter of one profile. Caller holds ``lock``."""
