@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 PROFILE_SCALAR_FIELDS: tuple[str, ...] = (
     "email",
@@ -143,6 +143,19 @@ def default_predictive_analytics() -> dict[str, Any]:
     return {name: None for name in PREDICTIVE_FIELDS}
 
 
+class MembershipChange(NamedTuple):
+    """One entry of the account's membership change log.
+
+    ``kind``: ``join`` (the profile was not a member), ``rejoin`` (it was, and its
+    ``joined_group_at`` moved to ``at``), ``leave``, or ``delete`` (its segment was deleted).
+    """
+
+    at: datetime
+    kind: str
+    segment_id: str
+    profile_id: str
+
+
 @dataclass
 class SegmentRecord:
     """Internal state of one segment."""
@@ -188,6 +201,10 @@ class Account:
         self._profiles: dict[str, dict[str, Any]] = {}
         self._profile_rev: dict[str, int] = {}
         self._push_tokens: dict[str, list[str]] = {}
+        # Klaviyo keeps no tombstone of a leave, but its segment reports count leaves per day;
+        # this log is what such reports are answered from (kept in the order things happened
+        # to the account, which for back-dated joins is not time order).
+        self._changes: list[MembershipChange] = []
 
     # ------------------------------------------------------------------ clock / helpers
     def now(self) -> datetime:
@@ -303,9 +320,13 @@ class Account:
             self._segment(segment_id)
             self._require_profile(profile_id)
             members = self._members[segment_id]
-            if profile_id in members and at is None:
+            was_member = profile_id in members
+            if was_member and at is None:
                 return
-            members[profile_id] = self._aware(at, "at") or self.now()
+            when = self._aware(at, "at") or self.now()
+            members[profile_id] = when
+            kind = "rejoin" if was_member else "join"
+            self._changes.append(MembershipChange(when, kind, segment_id, profile_id))
             self._bump()
 
     def leave(self, segment_id: str, profile_id: str) -> None:
@@ -313,6 +334,7 @@ class Account:
         with self.lock:
             self._segment(segment_id)
             if self._members[segment_id].pop(profile_id, None) is not None:
+                self._changes.append(MembershipChange(self.now(), "leave", segment_id, profile_id))
                 self._bump()
 
     def rejoin(self, segment_id: str, profile_id: str, at: datetime | None = None) -> None:
@@ -320,7 +342,11 @@ class Account:
         with self.lock:
             self._segment(segment_id)
             self._require_profile(profile_id)
-            self._members[segment_id][profile_id] = self._aware(at, "at") or self.now()
+            members = self._members[segment_id]
+            kind = "rejoin" if profile_id in members else "join"
+            when = self._aware(at, "at") or self.now()
+            members[profile_id] = when
+            self._changes.append(MembershipChange(when, kind, segment_id, profile_id))
             self._bump()
 
     # ------------------------------------------------------------------ segments
@@ -394,6 +420,9 @@ class Account:
         """Delete a segment with its memberships and tag links."""
         with self.lock:
             self._segment(segment_id)
+            now = self.now()
+            for profile_id in self._members[segment_id]:
+                self._changes.append(MembershipChange(now, "delete", segment_id, profile_id))
             del self._segments[segment_id]
             del self._members[segment_id]
             del self._segment_tags[segment_id]
@@ -485,6 +514,13 @@ class Account:
         predictive_analytics (deep copies; datetimes as aware ``datetime``)."""
         with self.lock:
             return copy.deepcopy(self._profiles)
+
+    def membership_changes(self, segment_id: str | None = None) -> list[MembershipChange]:
+        """Joins, re-joins, leaves and deletions (of one segment, or all), in time order;
+        changes at the same instant keep the order they were made in."""
+        with self.lock:
+            found = [c for c in self._changes if segment_id is None or c.segment_id == segment_id]
+        return sorted(found, key=lambda change: change.at)
 
     def profile_count(self, segment_id: str) -> int:
         """Number of members of a segment."""
