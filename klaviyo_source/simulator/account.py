@@ -16,7 +16,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Any, NamedTuple
 
 PROFILE_SCALAR_FIELDS: tuple[str, ...] = (
@@ -154,6 +154,16 @@ class MembershipChange(NamedTuple):
     kind: str
     segment_id: str
     profile_id: str
+
+
+class DayStats(NamedTuple):
+    """A segment's membership figures for one UTC day, as Klaviyo's segment reports name them."""
+
+    day: date
+    members_added: int
+    members_removed: int
+    net_members_changed: int
+    total_members: int
 
 
 @dataclass
@@ -521,6 +531,34 @@ class Account:
         with self.lock:
             found = [c for c in self._changes if segment_id is None or c.segment_id == segment_id]
         return sorted(found, key=lambda change: change.at)
+
+    def daily_membership_stats(
+        self, segment_id: str, first: date, last: date, *, lag: timedelta = timedelta(0)
+    ) -> list[DayStats]:
+        """Per UTC day from ``first`` to ``last`` (inclusive), from the change log: joins
+        added, leaves and deletion removed (a re-join of a member changes neither), and the
+        members at the day's end. Changes less than ``lag`` old are not counted yet, as a
+        report that trails live membership would not count them."""
+        cutoff = self.now() - lag
+        counted = [c for c in self.membership_changes(segment_id) if c.at <= cutoff]
+        stats: list[DayStats] = []
+        total = index = 0
+        day = first
+        while day <= last:
+            start = datetime.combine(day, time(0), tzinfo=timezone.utc)
+            end = start + timedelta(days=1)
+            added = removed = 0
+            while index < len(counted) and counted[index].at < end:
+                kind = counted[index].kind
+                if kind != "rejoin":
+                    joined = kind == "join"
+                    total += 1 if joined else -1
+                    if counted[index].at >= start:
+                        added, removed = added + joined, removed + (not joined)
+                index += 1
+            stats.append(DayStats(day, added, removed, added - removed, total))
+            day += timedelta(days=1)
+        return stats
 
     def profile_count(self, segment_id: str) -> int:
         """Number of members of a segment."""

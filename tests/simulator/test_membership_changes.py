@@ -85,3 +85,58 @@ def test_replaying_the_log_gives_the_memberships_of_a_busy_account() -> None:
     one = account.membership_changes(segments[0])
     assert one and {c.segment_id for c in one} == {segments[0]}
     assert [c.at for c in one] == sorted(c.at for c in one)
+
+
+def test_daily_figures_count_joins_leaves_and_members_per_utc_day() -> None:
+    clock = Clock()  # 2026-05-04 12:00 UTC
+    account = Account(clock=clock, seed=2)
+    sid = account.create_segment("Regulars")
+    ann, bob, cy = (account.add_profile(email=f"{n}@x.io") for n in ("ann", "bob", "cy"))
+    day = START.date()
+    account.join(sid, ann, at=START - timedelta(days=2, hours=1))  # 05-02 11:00
+    account.join(sid, bob, at=START - timedelta(days=1, hours=12, seconds=1))  # 05-02 23:59:59
+    clock.now = START - timedelta(hours=12)  # 05-04 00:00, the first instant of the day
+    account.leave(sid, ann)
+    account.join(sid, cy)
+    account.rejoin(sid, bob)  # already a member: neither added nor removed
+    clock.now = START + timedelta(hours=11)  # 05-04 23:00
+    account.rejoin(sid, ann)
+    clock.now = START + timedelta(hours=13)  # 05-05 01:00
+    account.leave(sid, cy)
+
+    figures = account.daily_membership_stats(sid, day - timedelta(days=3), day + timedelta(days=1))
+    assert [tuple(f)[1:] for f in figures] == [
+        (0, 0, 0, 0),  # 05-01
+        (2, 0, 2, 2),  # 05-02
+        (0, 0, 0, 2),  # 05-03
+        (2, 1, 1, 3),  # 05-04
+        (0, 1, -1, 2),  # 05-05
+    ]
+    assert [f.day for f in figures] == [day + timedelta(days=n) for n in range(-3, 2)]
+    # Two and a half hours behind, the leave at 01:00 and the re-join at 23:00 are not in yet.
+    lagging = account.daily_membership_stats(
+        sid, day, day + timedelta(days=1), lag=timedelta(minutes=150)
+    )
+    assert [tuple(f)[1:] for f in lagging] == [(1, 1, 0, 2), (0, 0, 0, 2)]
+
+
+def test_daily_figures_add_up_to_the_live_member_count() -> None:
+    clock = Clock()
+    account = generate_account(
+        seed=6, segments=3, tags=1, profiles=120, memberships=200, now=START, clock=clock
+    )
+    rng = random.Random(3)
+    profiles = sorted(account.profiles())
+    for _ in range(300):
+        clock.now += timedelta(minutes=rng.randint(1, 200))
+        sid, pid = rng.choice(sorted(account.segments())), rng.choice(profiles)
+        getattr(account, rng.choice(["join", "leave", "rejoin"]))(sid, pid)
+    for sid in account.segments():
+        first = min(c.at for c in account.membership_changes(sid)).date()
+        figures = account.daily_membership_stats(sid, first, clock.now.date())
+        assert figures[-1].total_members == account.profile_count(sid)
+        running = 0
+        for f in figures:
+            running += f.net_members_changed
+            assert f.total_members == running
+            assert f.net_members_changed == f.members_added - f.members_removed
