@@ -381,7 +381,7 @@ class RetryingSession(Session):
 
 
 class KlaviyoClient:
-    """Klaviyo's SegmentsApi operations plus `get_tags`, safe to share between threads."""
+    """Klaviyo's SegmentsApi operations plus `get_tags` and `get_profiles`, thread-safe."""
 
     def __init__(
         self,
@@ -610,6 +610,34 @@ class KlaviyoClient:
                 "fields[tag]": _joined(fields_tag),
                 "fields[tag-group]": _joined(fields_tag_group),
                 "include": _joined(include),
+                "page[size]": page_size,
+            },
+        )
+
+    # -- profiles ---------------------------------------------------------------------------
+
+    def get_profiles(
+        self,
+        *,
+        filter: Optional[str] = None,
+        sort: Optional[str] = None,
+        fields_profile: Optional[Sequence[str]] = None,
+        additional_fields_profile: Optional[Sequence[str]] = None,
+        page_size: Optional[int] = settings.PROFILES_PAGE_SIZE,
+    ) -> Iterator[Document]:
+        """GET /api/profiles: pages of the account's profiles.
+
+        `filter` takes `greater-than`/`less-than` on `updated` and `created` (not the `-or-equal`
+        forms) and `any`/`equals` on `id`, `email`, `phone_number`, `external_id`;
+        `additional_fields_profile=["predictive_analytics"]` also costs the 10/s, 150/m budget.
+        """
+        return self._paginate(
+            "profiles",
+            {
+                "filter": filter,
+                "sort": sort,
+                "fields[profile]": _joined(fields_profile),
+                "additional-fields[profile]": _joined(additional_fields_profile),
                 "page[size]": page_size,
             },
         )

@@ -78,6 +78,11 @@ def budgets_for(method: str, url: str) -> List[Budget]:
         return [Budget("delete_segment", "S")]
     if segments[0] == "tags":
         return [Budget("get_tags", "S")]
+    if segments == ["profiles"]:
+        budgets = [Budget("get_profiles", "L")]
+        if "predictive_analytics" in ",".join(query.get("additional-fields[profile]", [])):
+            budgets.append(Budget("predictive_analytics", "M"))
+        return budgets
     if segments[0] != "segments":
         return [Budget("other", "L")]
     if len(segments) == 1:

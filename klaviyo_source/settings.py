@@ -13,6 +13,8 @@ MEDIA_TYPE: Final = "application/vnd.api+json"
 
 # Largest page of the segment-profile endpoints (relationships too, from revision 2024-10-15).
 SEGMENT_PROFILES_PAGE_SIZE: Final = 100
+# Largest page of GET /api/profiles (its default is 20).
+PROFILES_PAGE_SIZE: Final = 100
 
 # A late-visible join (one whose joined_group_at is older than the newest join already
 # seen) is caught when it lies within this window behind a segment's cursor. One hour covers

@@ -16,8 +16,8 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any
+from datetime import date, datetime, time, timedelta, timezone
+from typing import Any, NamedTuple
 
 PROFILE_SCALAR_FIELDS: tuple[str, ...] = (
     "email",
@@ -143,6 +143,29 @@ def default_predictive_analytics() -> dict[str, Any]:
     return {name: None for name in PREDICTIVE_FIELDS}
 
 
+class MembershipChange(NamedTuple):
+    """One entry of the account's membership change log.
+
+    ``kind``: ``join`` (the profile was not a member), ``rejoin`` (it was, and its
+    ``joined_group_at`` moved to ``at``), ``leave``, or ``delete`` (its segment was deleted).
+    """
+
+    at: datetime
+    kind: str
+    segment_id: str
+    profile_id: str
+
+
+class DayStats(NamedTuple):
+    """A segment's membership figures for one UTC day, as Klaviyo's segment reports name them."""
+
+    day: date
+    members_added: int
+    members_removed: int
+    net_members_changed: int
+    total_members: int
+
+
 @dataclass
 class SegmentRecord:
     """Internal state of one segment."""
@@ -188,6 +211,10 @@ class Account:
         self._profiles: dict[str, dict[str, Any]] = {}
         self._profile_rev: dict[str, int] = {}
         self._push_tokens: dict[str, list[str]] = {}
+        # Klaviyo keeps no tombstone of a leave, but its segment reports count leaves per day;
+        # this log is what such reports are answered from (kept in the order things happened
+        # to the account, which for back-dated joins is not time order).
+        self._changes: list[MembershipChange] = []
 
     # ------------------------------------------------------------------ clock / helpers
     def now(self) -> datetime:
@@ -272,7 +299,8 @@ class Account:
             return str(pid)
 
     def update_profile(self, profile_id: str, **attrs: Any) -> None:
-        """Replace the given attributes and bump ``updated`` (unless ``updated`` is given)."""
+        """Replace the given attributes (push tokens included) and set ``updated`` to now,
+        unless a non-null ``updated`` is given."""
         unknown = set(attrs) - set(PROFILE_ATTRIBUTE_ORDER) - {"push_tokens"}
         if unknown:
             raise TypeError(f"unknown profile attributes: {sorted(unknown)}")
@@ -289,7 +317,8 @@ class Account:
                     profile[name] = location
                 else:
                     profile[name] = copy.deepcopy(value)
-            if "updated" not in attrs:
+            # Klaviyo stamps every change of a profile; a profile is never without `updated`.
+            if attrs.get("updated") is None:
                 profile["updated"] = self.now()
             self._profile_rev[profile_id] += 1
             self._bump()
@@ -301,9 +330,13 @@ class Account:
             self._segment(segment_id)
             self._require_profile(profile_id)
             members = self._members[segment_id]
-            if profile_id in members and at is None:
+            was_member = profile_id in members
+            if was_member and at is None:
                 return
-            members[profile_id] = self._aware(at, "at") or self.now()
+            when = self._aware(at, "at") or self.now()
+            members[profile_id] = when
+            kind = "rejoin" if was_member else "join"
+            self._changes.append(MembershipChange(when, kind, segment_id, profile_id))
             self._bump()
 
     def leave(self, segment_id: str, profile_id: str) -> None:
@@ -311,6 +344,7 @@ class Account:
         with self.lock:
             self._segment(segment_id)
             if self._members[segment_id].pop(profile_id, None) is not None:
+                self._changes.append(MembershipChange(self.now(), "leave", segment_id, profile_id))
                 self._bump()
 
     def rejoin(self, segment_id: str, profile_id: str, at: datetime | None = None) -> None:
@@ -318,7 +352,11 @@ class Account:
         with self.lock:
             self._segment(segment_id)
             self._require_profile(profile_id)
-            self._members[segment_id][profile_id] = self._aware(at, "at") or self.now()
+            members = self._members[segment_id]
+            kind = "rejoin" if profile_id in members else "join"
+            when = self._aware(at, "at") or self.now()
+            members[profile_id] = when
+            self._changes.append(MembershipChange(when, kind, segment_id, profile_id))
             self._bump()
 
     # ------------------------------------------------------------------ segments
@@ -392,6 +430,9 @@ class Account:
         """Delete a segment with its memberships and tag links."""
         with self.lock:
             self._segment(segment_id)
+            now = self.now()
+            for profile_id in self._members[segment_id]:
+                self._changes.append(MembershipChange(now, "delete", segment_id, profile_id))
             del self._segments[segment_id]
             del self._members[segment_id]
             del self._segment_tags[segment_id]
@@ -484,6 +525,41 @@ class Account:
         with self.lock:
             return copy.deepcopy(self._profiles)
 
+    def membership_changes(self, segment_id: str | None = None) -> list[MembershipChange]:
+        """Joins, re-joins, leaves and deletions (of one segment, or all), in time order;
+        changes at the same instant keep the order they were made in."""
+        with self.lock:
+            found = [c for c in self._changes if segment_id is None or c.segment_id == segment_id]
+        return sorted(found, key=lambda change: change.at)
+
+    def daily_membership_stats(
+        self, segment_id: str, first: date, last: date, *, lag: timedelta = timedelta(0)
+    ) -> list[DayStats]:
+        """Per UTC day from ``first`` to ``last`` (inclusive), from the change log: joins
+        added, leaves and deletion removed (a re-join of a member changes neither), and the
+        members at the day's end. Changes less than ``lag`` old are not counted yet, as a
+        report that trails live membership would not count them."""
+        cutoff = self.now() - lag
+        counted = [c for c in self.membership_changes(segment_id) if c.at <= cutoff]
+        stats: list[DayStats] = []
+        total = index = 0
+        day = first
+        while day <= last:
+            start = datetime.combine(day, time(0), tzinfo=timezone.utc)
+            end = start + timedelta(days=1)
+            added = removed = 0
+            while index < len(counted) and counted[index].at < end:
+                kind = counted[index].kind
+                if kind != "rejoin":
+                    joined = kind == "join"
+                    total += 1 if joined else -1
+                    if counted[index].at >= start:
+                        added, removed = added + joined, removed + (not joined)
+                index += 1
+            stats.append(DayStats(day, added, removed, added - removed, total))
+            day += timedelta(days=1)
+        return stats
+
     def profile_count(self, segment_id: str) -> int:
         """Number of members of a segment."""
         with self.lock:
@@ -516,6 +592,10 @@ class Account:
     def peek_profile(self, profile_id: str) -> dict[str, Any]:
         """Live profile attributes. Caller holds ``lock``."""
         return self._profiles[profile_id]
+
+    def peek_profiles(self) -> dict[str, dict[str, Any]]:
+        """Live profile attributes by id. Caller holds ``lock`` and must not mutate."""
+        return self._profiles
 
     def peek_profile_rev(self, profile_id: str) -> int:
         """Revision counter of one profile. Caller holds ``lock``."""

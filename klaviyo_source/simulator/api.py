@@ -23,6 +23,7 @@ from .errors import ApiError, invalid
 from .filters import (
     MEMBER_FILTERS,
     MEMBER_FILTERS_BEFORE_2025_10,
+    PROFILE_FILTERS,
     SEGMENT_FILTERS,
     TAG_FILTERS,
     Condition,
@@ -32,6 +33,7 @@ from .filters import (
     parse_filter,
 )
 from .paging import Key, decode_cursor, encode_cursor, fingerprint, paginate
+from .profile_listing import PROFILE_SORTS, ProfileIndex
 from .rate_limits import Charge, Decision, RateLimiter, tier_windows
 from .render import (
     ProfileRenderer,
@@ -72,6 +74,8 @@ CONDITION_TYPES = frozenset(
 _ACCEPTABLE = frozenset({"*/*", "application/*", "application/json", JSON_API})
 _BODY_TYPES = frozenset({"application/json", JSON_API})
 _VIEW_CACHE_SIZE = 128
+# Operations listing profiles, where predictive_analytics costs the M tier on top.
+_PROFILE_LISTINGS = ("get_segment_profiles", "get_profiles")
 
 
 @dataclass
@@ -138,6 +142,7 @@ _ROUTES: dict[tuple[str, ...], dict[str, str]] = {
     ("segments", "{id}", "tags"): {"GET": "get_segment_tags"},
     ("segments", "{id}", "relationships", "tags"): {"GET": "get_segment_relationships_tags"},
     ("tags",): {"GET": "get_tags"},
+    ("profiles",): {"GET": "get_profiles"},
 }
 
 
@@ -280,6 +285,7 @@ class Api:
         self.limiter = limiter
         self.base = base_url
         self.profiles = ProfileRenderer(base_url)
+        self.profile_index = ProfileIndex(exchange_id)
         self._views: OrderedDict[tuple[Any, ...], tuple[int, _View]] = OrderedDict()
         self._views_lock = threading.Lock()
         self._handlers: dict[str, Callable[[Ctx], Response]] = {
@@ -293,6 +299,7 @@ class Api:
             "create_segment": self.create_segment,
             "update_segment": self.update_segment,
             "delete_segment": self.delete_segment,
+            "get_profiles": self.get_profiles,
         }
 
     # ------------------------------------------------------------------ entry point
@@ -389,7 +396,7 @@ class Api:
             query.get("additional-fields[segment]", "")
         ):
             charges.append(Charge("additional-fields:profile_count", tier_windows("XS")))
-        if operation == "get_segment_profiles" and "predictive_analytics" in _split(
+        if operation in _PROFILE_LISTINGS and "predictive_analytics" in _split(
             query.get("additional-fields[profile]", "")
         ):
             charges.append(Charge("additional-fields:predictive_analytics", tier_windows("M")))
@@ -874,3 +881,44 @@ class Api:
             self._segment_record(ctx.segment_id)
             self.account.delete_segment(ctx.segment_id or "")
         return Response(204)
+
+    # ------------------------------------------------------------------ profiles
+    def get_profiles(self, ctx: Ctx) -> Response:
+        """GET /api/profiles. ``include`` (lists, push-tokens, segments) is not served: the
+        simulator holds no list or push-token resources to include."""
+        check_known(
+            ctx.query,
+            {
+                "additional-fields[profile]",
+                "fields[profile]",
+                "filter",
+                "page[cursor]",
+                "page[size]",
+                "sort",
+            },
+        )
+        enum = PROFILE_FIELDS_BY_ERA[ctx.rev.profile_fieldset_era] - {"joined_group_at"}
+        fields = parse_fields(ctx.query, "profile", enum, ctx.rev)
+        additional = parse_additional(
+            ctx.query, "profile", {"subscriptions", "predictive_analytics"}
+        )
+        sort, desc = parse_sort(ctx.query, set(PROFILE_SORTS))
+        conditions = parse_conditions(ctx.query, PROFILE_FILTERS, self.account.now())
+        size = parse_page_size(ctx.query, 20, 100)
+        filter_text = ctx.query.get("filter", "")
+        fp = fingerprint("get_profiles", ctx.query.get("sort", ""), filter_text)
+        cursor = self._cursor(ctx, fp)
+        variant = self.profiles.variant(fields, additional, False)
+        account = self.account
+        with account.lock:
+            keys = self.profile_index.keys(account, sort or "id", conditions, filter_text)
+            page = paginate(keys, size, desc, cursor)
+            parts = [self.profiles.row_parts(account, keys[i][1], variant)[0] for i in page.indices]
+        next_c = prev_c = None
+        if page.indices:
+            if page.has_next:
+                next_c = encode_cursor("n", fp, keys[page.indices[-1]])
+            if page.has_prev:
+                prev_c = encode_cursor("p", fp, keys[page.indices[0]])
+        links = dumps(self._page_links(ctx, next_c, prev_c))
+        return self._ok(b'{"data":[' + b",".join(parts) + b'],"links":' + links + b"}")

@@ -312,3 +312,24 @@ MEMBER_FILTERS: dict[str, FieldSpec] = {
 TAG_FILTERS: dict[str, FieldSpec] = {
     "name": FieldSpec.of("string", ("contains", "ends-with", "equals", "starts-with"), ("equals",)),
 }
+
+# GET /api/profiles: the same fields and operators in the 2024-06-15, 2025-04-15 and
+# 2026-07-15 specs. ``created``/``updated`` take only greater-than and less-than there, unlike
+# joined_group_at; the suppression timestamps take all four comparisons.
+_SUPPRESSION_OPS = ("greater-or-equal", "greater-than", "less-or-equal", "less-than")
+_LIST_SUPPRESSIONS = "subscriptions.email.marketing.list_suppressions"
+_SUPPRESSION = "subscriptions.email.marketing.suppression"
+PROFILE_FILTERS: dict[str, FieldSpec] = {
+    "id": FieldSpec.of("string", ("equals",), ("any", "equals")),
+    "email": FieldSpec.of("string", (), ("any", "equals")),
+    "phone_number": FieldSpec.of("string", (), ("any", "equals")),
+    "external_id": FieldSpec.of("string", (), ("any", "equals")),
+    "_kx": FieldSpec.of("string", ("equals",)),
+    "created": FieldSpec.of("datetime", ("greater-than", "less-than")),
+    "updated": FieldSpec.of("datetime", ("greater-than", "less-than")),
+    f"{_LIST_SUPPRESSIONS}.reason": FieldSpec.of("string", ("equals",)),
+    f"{_LIST_SUPPRESSIONS}.timestamp": FieldSpec.of("datetime", _SUPPRESSION_OPS),
+    f"{_LIST_SUPPRESSIONS}.list_id": FieldSpec.of("string", ("equals",)),
+    f"{_SUPPRESSION}.reason": FieldSpec.of("string", ("equals",)),
+    f"{_SUPPRESSION}.timestamp": FieldSpec.of("datetime", _SUPPRESSION_OPS),
+}

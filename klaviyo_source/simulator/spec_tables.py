@@ -23,6 +23,7 @@ OPERATION_SCOPES: dict[str, tuple[str, ...]] = {
     "create_segment": ("segments:write",),
     "update_segment": ("segments:write",),
     "delete_segment": ("segments:write",),
+    "get_profiles": ("profiles:read",),
 }
 
 # Rate-limit tier names per operation (x-klaviyo-ratelimit). "L" steady depends on the revision.
@@ -37,6 +38,7 @@ OPERATION_TIER: dict[str, str] = {
     "create_segment": "WRITE",
     "update_segment": "WRITE",
     "delete_segment": "S",
+    "get_profiles": "L",
 }
 
 SEGMENT_FIELDS: frozenset[str] = frozenset(
