@@ -442,9 +442,22 @@ def sync_listed_segment(
         yield from sync.run()
     except (KlaviyoAuthenticationError, KlaviyoPermissionError):
         raise  # the key is wrong for every segment: stop the run with Klaviyo's reason
-    except KlaviyoNotFound:
-        logger.warning(f"segment {listed.id} was deleted during the run; next run marks it")
+    except KlaviyoNotFound as error:
+        # What the walk fetched was true when fetched, deleted or not, and other walks count
+        # on the profile rows among it.
         yield from sync.gathered()
+        if not _deleted_in_klaviyo(client, listed.id):
+            # A 404 from one page of a segment that exists is a failed walk, not its end.
+            failures[listed.id] = (
+                f"segment {listed.id} ({listed.name}): {error} The segment still exists: its "
+                "walk failed, and the next run reads it again from its cursor."
+            )
+            logger.error(failures[listed.id])
+            return
+        logger.warning(f"segment {listed.id} was deleted during its walk: its members are ended")
+        yield from _close_deleted_during_walk(listed, handed_on, stamps)
+        cursors.pop(listed.id, None)
+        reconciled.pop(listed.id, None)
         return
     except (KlaviyoAPIError, RequestException) as error:
         # Keep the other segments' progress, and the pages this one fetched; it keeps its old
@@ -461,6 +474,51 @@ def sync_listed_segment(
     if sync.walked_in_full:
         reconciled[listed.id] = now.isoformat()
     log_sync(listed.id, listed.name, sync.stats)
+
+
+def _deleted_in_klaviyo(client: KlaviyoClient, segment_id: str) -> bool:
+    """Whether the segment's own GET confirms it gone (404) after a page of it answered 404.
+
+    Anything else (the segment, another error) leaves it standing: only a confirmed deletion
+    may end its memberships.
+    """
+    try:
+        client.get_segment(segment_id)
+    except KlaviyoNotFound:
+        return True
+    except (KlaviyoAPIError, RequestException):
+        return False
+    return False
+
+
+def _close_deleted_during_walk(
+    listed: ListedSegment, handed_on: HandedOn, stamps: RowStamps
+) -> Iterator[Any]:
+    """End held memberships of a segment deleted during its walk, as `close_segment` does.
+
+    Members this run handed on already are left to the next run, whose listing finds the
+    segment gone and ends every membership then: a load holds each membership once.
+    """
+    closed_at = datetime.now(timezone.utc)
+    held_ids = list(listed.held.joined_times(listed.id))
+    handed = handed_on.taken_in(listed.id, held_ids)
+    unseen = [pid for pid, seen in zip(held_ids, handed, strict=True) if not seen]
+    batch = WalkBatch(stamps)
+    for rows in _held_in_chunks(listed.held, listed.id, unseen):
+        ended = [
+            membership_row(
+                listed.id,
+                membership.profile_id,
+                membership.joined_group_at,
+                membership.first_seen_at,
+                membership.last_seen_at,
+                left_at_latest=closed_at,
+                left_reason="segment_deleted",
+            )
+            for membership in rows.values()
+        ]
+        yield from batch.add(ended, [], [])
+    yield from batch.flush()
 
 
 def _stored_time(times: Dict[str, str], segment_id: str) -> Optional[datetime]:
