@@ -56,6 +56,7 @@ def klaviyo(
     ),
     rate_limit_share: float = 1.0,
     rate_limit_time_scale: float = 1.0,
+    allow_insecure_http: bool = False,
 ) -> Sequence[DltResource]:
     """Segments, tags, segment tags, memberships and profiles of one Klaviyo account.
 
@@ -72,6 +73,8 @@ def klaviyo(
         full_reconcile_every_hours: Walk each segment in full at least this often; None: never.
         rate_limit_share: Share of the account's published rate limits this source may use.
         rate_limit_time_scale: Speed-up of a simulator's clock; 1 against Klaviyo.
+        allow_insecure_http: Accept a plain http base_url on another machine (the key would
+            travel unencrypted); http to this machine needs no opt-in.
     """
     options = MembershipOptions.from_config(
         include_profiles,
@@ -84,7 +87,9 @@ def klaviyo(
         limiter = RateLimiter(rate_limit_share, rate_limit_time_scale, revision=revision)
     except ValueError as error:
         raise KlaviyoConfigError(f"{error}. Fix it in [sources.klaviyo].") from error
-    client = KlaviyoClient(api_key, base_url, revision, rate_limiter=limiter)
+    client = KlaviyoClient(
+        api_key, base_url, revision, rate_limiter=limiter, allow_insecure_http=allow_insecure_http
+    )
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
     started = datetime.now(timezone.utc)
 

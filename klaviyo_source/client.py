@@ -1,9 +1,13 @@
 """HTTP client for Klaviyo's segment and tag endpoints, built on dlt's `RESTClient`.
 
 One method per API operation, each taking that operation's documented parameters. Collections
-are walked by following `links.next` exactly as Klaviyo gives it; pages of segment members are
-decoded by `member_pages`, every other body by dlt's JSON. The key travels only through an auth
-object, so no log line at any level shows it.
+are walked by following `links.next` exactly as Klaviyo gives it, as long as it stays on the
+base URL's origin (scheme, host and port); pages of segment members are decoded by
+`member_pages`, every other body by dlt's JSON. The key travels only through an auth object, so
+no log line at any level shows it, and only to the base URL's origin: the session refuses any
+request bound elsewhere (a rewritten next link, a redirect). Plain http is accepted only to
+this machine unless `allow_insecure_http` says otherwise, and a password in the base URL's user
+info is never shown.
 
 Every request goes through a retrying session whose bounds come from dlt's `[runtime]`
 settings (`request_max_attempts`, `request_backoff_factor`, `request_max_retry_delay`,
@@ -26,6 +30,7 @@ A request that gives up raises one of the typed errors of `errors`, naming the r
 went wrong, how often it was tried and what to do.
 """
 
+import ipaddress
 import logging
 import os
 import random
@@ -45,7 +50,7 @@ from typing import (
     Tuple,
     Union,
 )
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import msgspec
 import urllib3.exceptions
@@ -67,6 +72,7 @@ from .errors import (
     InvalidResponseBody,
     KlaviyoConfigError,
     KlaviyoConnectionError,
+    KlaviyoForeignOrigin,
     KlaviyoRateLimited,
     KlaviyoServerError,
     KlaviyoTimeout,
@@ -74,11 +80,14 @@ from .errors import (
     UnexpectedDocument,
     error_for_response,
     request_of,
+    without_password,
 )
 from .member_pages import Member, decode_member_page
 from .rate_limits import RateLimitedAdapter, RateLimiter, budgets_for
 
 Document = Dict[str, Any]
+# Scheme, host and port: where a request goes, and so who may see the key.
+Origin = Tuple[str, str, int]
 Timeouts = Union[float, Tuple[float, float]]
 ResponseHook = Callable[..., None]
 
@@ -88,6 +97,8 @@ _REVISION_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}(\.pre)?$")
 # Compiled once: `RESTClient` compiles a selector given as text again for every page, and
 # jsonpath's parser cost more per page than parsing the page's JSON.
 _PAGE_DATA = compile_path("data")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_INVALID_PORT = -1
 # Failures worth asking again for: the next attempt may well work.
 _TRANSIENT = (
     KlaviyoServerError,
@@ -172,13 +183,70 @@ def _whole_body(response: Response) -> bytes:
     return response.content
 
 
-def validate_connection_settings(base_url: str, revision: str) -> None:
-    """Reject a base URL or revision Klaviyo could never answer, before any request."""
+def origin_of(url: str) -> Origin:
+    """Where a URL leads, normalised: scheme and host in lower case, default ports filled in."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme, _INVALID_PORT)
+    except ValueError:
+        port = _INVALID_PORT  # matches no origin, so nothing is ever sent there
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def shown_origin(origin: Origin) -> str:
+    """An origin as a user reads it; no user info, path or query, which may hold secrets."""
+    scheme, host, port = origin
+    bracketed = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{bracketed}" + (f":{port}" if port != _INVALID_PORT else "")
+
+
+def without_user_info(url: str) -> str:
+    """The URL without `user:password@`.
+
+    The key takes the Authorization header, so `requests` never sent a base URL's user info
+    anyway; dropped, it cannot show in dlt's own request log lines either.
+    """
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def is_loopback(host: Optional[str]) -> bool:
+    """Whether a host is this machine: `localhost`, 127.0.0.0/8 or ::1."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def validate_connection_settings(
+    base_url: str, revision: str, allow_insecure_http: bool = False
+) -> None:
+    """Reject a base URL or revision Klaviyo could never answer, before any request.
+
+    Plain http would carry the key readable to every network in between, so it is refused
+    unless the host is this machine (the simulator, a local proxy) or the user opted in.
+    """
     parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or origin_of(base_url)[2] == _INVALID_PORT
+    ):
         raise KlaviyoConfigError(
-            f"base_url {base_url!r} is not an http(s) URL. Set [sources.klaviyo] base_url to "
-            f"{settings.DEFAULT_BASE_URL!r} (or your proxy's URL)."
+            f"base_url {without_password(base_url)!r} is not an http(s) URL. Set "
+            f"[sources.klaviyo] base_url to {settings.DEFAULT_BASE_URL!r} (or your proxy's URL)."
+        )
+    if parts.scheme == "http" and not allow_insecure_http and not is_loopback(parts.hostname):
+        raise KlaviyoConfigError(
+            f"base_url {shown_origin(origin_of(base_url))} is plain http to another machine, "
+            "which would send the API key unencrypted. Use https, or, on a network you trust, "
+            "set [sources.klaviyo] allow_insecure_http = true "
+            "(SOURCES__KLAVIYO__ALLOW_INSECURE_HTTP=true)."
         )
     if not _REVISION_PATTERN.match(revision):
         raise KlaviyoConfigError(
@@ -278,10 +346,37 @@ def _never_connected(error: BaseException) -> bool:
     )
 
 
+class HomeLinks(JSONLinkPaginator):
+    """`links.next`, followed only while it leads to base_url's origin.
+
+    Klaviyo's links are absolute URLs on its own host; one anywhere else was rewritten on the
+    way (a proxy, a tampered response), and following it would hand the key to that host.
+    """
+
+    def __init__(self, home: Origin) -> None:
+        super().__init__(next_url_path="links.next")
+        self.home = home
+
+    def update_state(self, response: Response, data: Optional[List[Any]] = None) -> None:
+        super().update_state(response, data)
+        link = self._next_reference
+        if not link:
+            return
+        foreign = origin_of(urljoin(response.url, link))
+        if foreign != self.home:
+            raise KlaviyoForeignOrigin(
+                f"links.next of {_request_line(response)} leads to {shown_origin(foreign)}, "
+                f"not to base_url's {shown_origin(self.home)}: it was not followed and the API "
+                "key was not sent there. A proxy or a tampered response rewrote it; check "
+                "[sources.klaviyo] base_url and any proxy between this source and Klaviyo."
+            )
+
+
 class RetryingSession(Session):
     """dlt's `Session` (default timeout, User-Agent) with Klaviyo's retry rules.
 
     One per thread; they share the rate-limited adapter, which paces and pauses every attempt.
+    It sends nothing to any origin but base_url's.
     """
 
     def __init__(self, policy: RetryPolicy, adapter: RateLimitedAdapter, base_url: str) -> None:
@@ -289,6 +384,7 @@ class RetryingSession(Session):
         self.policy = policy
         self.adapter = adapter
         self.base_url = base_url
+        self.home = origin_of(base_url)
         self._read_environment_once(base_url)
         self.mount("http://", adapter)
         self.mount("https://", adapter)
@@ -308,6 +404,7 @@ class RetryingSession(Session):
 
     def send(self, request: PreparedRequest, **kwargs: Any) -> Response:  # type: ignore[override]
         method = request.method or "GET"
+        self._refuse_other_origins(method, request.url or "")
         path = urlsplit(request.url or "").path
         started = time.monotonic()
         attempts = failures = 0
@@ -342,6 +439,21 @@ class RetryingSession(Session):
                 )
                 time.sleep(wait)
 
+    def _refuse_other_origins(self, method: str, url: str) -> None:
+        """Stop any request bound for another origin before it leaves, whatever its path here.
+
+        `HomeLinks` refuses a foreign next link with a clearer message; this is the last check
+        before the network, for redirects (they come through `send` too) and any future caller.
+        """
+        target = origin_of(url)
+        if target != self.home:
+            raise KlaviyoForeignOrigin(
+                f"Refused to send {method} to {shown_origin(target)}: requests and the API key go "
+                f"only to base_url's {shown_origin(self.home)}. A response (a redirect) pointed "
+                "elsewhere; check [sources.klaviyo] base_url and any proxy between this source "
+                "and Klaviyo."
+            )
+
     @staticmethod
     def _short(error: BaseException) -> str:
         if isinstance(error, KlaviyoServerError):
@@ -352,7 +464,8 @@ class RetryingSession(Session):
 
     def _unreachable(self, error: BaseException) -> KlaviyoUnreachable:
         return KlaviyoUnreachable(
-            f"Cannot connect to Klaviyo at {self.base_url}: {_network_reason(error)}. Check "
+            f"Cannot connect to Klaviyo at {without_password(self.base_url)}: "
+            f"{_network_reason(error)}. Check "
             f"[sources.klaviyo] base_url (Klaviyo's is {settings.DEFAULT_BASE_URL}), the "
             "network and any proxy settings."
         )
@@ -390,14 +503,19 @@ class KlaviyoClient:
         revision: str = settings.DEFAULT_REVISION,
         rate_limiter: Optional[RateLimiter] = None,
         runtime: Optional[RuntimeConfiguration] = None,
+        allow_insecure_http: bool = False,
     ) -> None:
-        validate_connection_settings(base_url, revision)
+        validate_connection_settings(base_url, revision, allow_insecure_http)
         if not api_key or not api_key.strip():
             raise KlaviyoConfigError(
                 "The Klaviyo API key is empty. Set SOURCES__KLAVIYO__API_KEY or [sources.klaviyo] "
                 "api_key in .dlt/secrets.toml."
             )
-        self.base_url = base_url.rstrip("/")
+        if urlsplit(base_url).username is not None:
+            logger.warning(
+                "base_url's user info is not sent: Klaviyo's API key is the only credential"
+            )
+        self.base_url = without_user_info(base_url).rstrip("/")
         self.revision = revision
         self.rate_limiter = rate_limiter
         self._auth = APIKeyAuth(
@@ -426,7 +544,7 @@ class KlaviyoClient:
                 base_url=f"{self.base_url}/api",
                 headers={"revision": self.revision, "Accept": settings.MEDIA_TYPE},
                 auth=self._auth,
-                paginator=JSONLinkPaginator(next_url_path="links.next"),
+                paginator=HomeLinks(origin_of(self.base_url)),
                 data_selector=_PAGE_DATA,
                 session=session,
                 config=self._runtime,
@@ -437,7 +555,7 @@ class KlaviyoClient:
     def _paginate(
         self, path: str, params: Mapping[str, Any], check: ResponseHook = _check_response
     ) -> Iterator[Document]:
-        """Yield every page document of a collection, following `links.next` verbatim."""
+        """Yield every page document of a collection, following `links.next` (see `HomeLinks`)."""
         pages = self._rest().paginate(path, params=_query(params), hooks={"response": [check]})
         for page in pages:
             yield page.response.json()

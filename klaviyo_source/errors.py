@@ -10,7 +10,7 @@ request the `requests` way (the source's per-segment isolation does) handles the
 """
 
 from typing import Any, Dict, List, Optional, Tuple, Type
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from requests import ConnectionError, HTTPError, Response, Timeout
 from requests.exceptions import RequestException
@@ -48,6 +48,23 @@ class KlaviyoUnreachable(KlaviyoConnectionError):
 
 class KlaviyoTimeout(KlaviyoError, Timeout):
     """Klaviyo did not answer within `request_timeout`, every time it was asked."""
+
+
+class KlaviyoForeignOrigin(KlaviyoError, RequestException):
+    """A response pointed the source at another origin than base_url's; nothing was sent there.
+
+    It derives from `RequestException` so that the segment whose walk it stops fails alone,
+    and it is not retried: asked again, the same proxy would point the same way.
+    """
+
+
+def without_password(url: str) -> str:
+    """The URL as it may be shown: a password in its user info replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def request_of(response: Response) -> Tuple[str, str]:

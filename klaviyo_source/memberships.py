@@ -323,11 +323,23 @@ def _held_in_chunks(
 
 
 def close_segment(
-    segment_id: str, held: HeldData, closed_at: datetime, load_id: str
+    segment_id: str,
+    held: HeldData,
+    closed_at: datetime,
+    load_id: str,
+    members: Optional[MembersThisRun] = None,
 ) -> Iterator[Any]:
-    """End every membership the destination holds for a segment Klaviyo no longer has."""
+    """End every membership the destination holds for a segment Klaviyo no longer has.
+
+    With `members`, those this run listed already are left to the next run, whose listing
+    finds the segment gone and ends them then: a load holds each membership once.
+    """
+    held_ids = list(held.joined_times(segment_id))
+    if members is not None:
+        listed = members.listed_in(segment_id, held_ids)
+        held_ids = [pid for pid, seen in zip(held_ids, listed, strict=True) if not seen]
     batch = WalkBatch(load_id)
-    for rows in _held_in_chunks(held, segment_id, list(held.joined_times(segment_id))):
+    for rows in _held_in_chunks(held, segment_id, held_ids):
         ended = [
             ended_membership(segment_id, membership, closed_at, "segment_deleted", None)
             for membership in rows.values()
@@ -392,9 +404,23 @@ def sync_listed_segment(
         yield from sync.run()
     except (KlaviyoAuthenticationError, KlaviyoPermissionError):
         raise  # the key is wrong for every segment: stop the run with Klaviyo's reason
-    except KlaviyoNotFound:
-        logger.warning(f"segment {listed.id} was deleted during the run; next run marks it")
+    except KlaviyoNotFound as error:
+        # What the walk fetched was true when fetched, deleted or not, and other walks count
+        # on the profile rows among it.
         yield from sync.gathered()
+        if not _deleted_in_klaviyo(client, listed.id):
+            # A 404 from one page of a segment that exists is a failed walk, not its end.
+            reason = (
+                f"segment {listed.id} ({listed.name}): {error} The segment still exists: its "
+                "walk failed, and the next run reads it again from its cursor."
+            )
+            run.progress.failed(listed.id, reason)
+            logger.error(reason)
+            return
+        logger.warning(f"segment {listed.id} was deleted during its walk: its members are ended")
+        closed_at = datetime.now(timezone.utc)
+        yield from close_segment(listed.id, run.held, closed_at, run.load_id, run.members)
+        run.progress.forget(listed.id)
         return
     except (KlaviyoAPIError, RequestException) as error:
         # Keep the other segments' progress, and the pages this one fetched; it keeps its old
@@ -409,6 +435,21 @@ def sync_listed_segment(
     )
     run.progress.walked(listed.id, moved, run.started if sync.walked_in_full else None)
     log_sync(listed.id, listed.name, sync.stats)
+
+
+def _deleted_in_klaviyo(client: KlaviyoClient, segment_id: str) -> bool:
+    """Whether the segment's own GET confirms it gone (404) after a page of it answered 404.
+
+    Anything else (the segment, another error) leaves it standing: only a confirmed deletion
+    may end its memberships.
+    """
+    try:
+        client.get_segment(segment_id)
+    except KlaviyoNotFound:
+        return True
+    except (KlaviyoAPIError, RequestException):
+        return False
+    return False
 
 
 def log_sync(segment_id: str, name: Optional[str], stats: SyncStats) -> None:

@@ -6,7 +6,8 @@ The pipeline script runs as a process with DEBUG logging for every logger (dlt's
 scheduler could see is searched for the key: stdout and stderr, `dlt pipeline ... trace`,
 `trace -vv`, `info -v` (which prints the state), `load-package -v` and `failed-jobs`, every
 file in the pipeline's working folder (state, trace, schemas, load packages), and every row
-of every table in the DuckDB file, with dlt's compressed state unpacked.
+of every table in the DuckDB file, with dlt's compressed state unpacked. The key never reaches
+another origin either, when a response points a walk there.
 """
 
 import os
@@ -19,6 +20,7 @@ from typing import Dict, Iterator, List
 import duckdb
 import pytest
 from dlt.common.versioned_state import decompress_state
+from recording_server import RecordingServer
 
 from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
 
@@ -145,3 +147,36 @@ def test_a_rejected_key_never_shows_even_with_error_bodies_on(
     assert _files_holding(tmp_path / "dlt_home", wrong) == []
     database = tmp_path / "export.duckdb"
     assert not database.exists() or wrong not in _table_text(database)
+
+
+def test_the_key_stays_home_when_a_walk_is_led_elsewhere_or_answers_404_at_debug(
+    account: Account, served: KlaviyoSimulator, tmp_path: Path
+) -> None:
+    key = served.api_key
+    env = _env(tmp_path, served, key)
+    # Two segments of several pages: one's next link leads to another origin, the other's
+    # second page answers 404, which the segment's own GET then answers with the segment.
+    led_away, not_found = sorted(account.memberships(), key=lambda sid: -len(account.members(sid)))[
+        :2
+    ]
+    assert len(account.members(not_found)) > 100
+    with RecordingServer() as elsewhere:
+        served.inject_fault(
+            "relink", origin=elsewhere.origin, path_contains=f"/{led_away}/profiles"
+        )
+        served.inject_fault("status", status=404, skip=1, path_contains=f"/{not_found}/profiles")
+
+        result = _run([sys.executable, "-c", DEBUG_EVERYTHING], env)
+
+    assert result.returncode == 1
+    assert elsewhere.received == []
+    logs = result.stdout + result.stderr
+    assert "Making GET request to" in logs and elsewhere.origin in logs
+    confirmed = [
+        r for r in served.request_log if r.operation == "get_segment" and not_found in r.path
+    ]
+    assert confirmed and confirmed[-1].status == 200
+    assert key not in logs
+    assert key not in _everything_shown(env)
+    assert _files_holding(tmp_path / "dlt_home", key) == []
+    assert key not in _table_text(tmp_path / "export.duckdb")

@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl
 from .account import Account
 from .api import JSON_API, Api, Request, Response
 from .errors import error_body, error_object, throttled
-from .faults import Fault, FaultInjector
+from .faults import Fault, FaultInjector, on_origin
 from .rate_limits import RateLimiter
 from .spec_tables import ALL_SCOPES
 
@@ -34,6 +34,7 @@ _REASONS = {
     200: "OK",
     201: "Created",
     204: "No Content",
+    307: "Temporary Redirect",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -161,9 +162,14 @@ class _Handler(BaseHTTPRequestHandler):
         fault = sim.faults.take(self.path)
         if fault is not None and fault.kind == "slow":
             time.sleep(float(fault.opts.get("delay", 1.0)))
-        if fault is not None and fault.kind in ("status", "throttle"):
+        if fault is not None and fault.kind == "delete_segment":
+            sim.account.delete_segment(fault.opts["segment_id"])
+        if fault is not None and fault.kind in ("status", "throttle", "redirect"):
             resp = sim.api.identify(req)
-            if fault.kind == "status":
+            if fault.kind == "redirect":
+                resp.status, resp.body = 307, b""
+                resp.headers = {"Location": on_origin(self.path, fault.opts["origin"])}
+            elif fault.kind == "status":
                 status, ctype, fbody = fault.status_response()
                 resp.status, resp.body, resp.headers = status, fbody, {"Content-Type": ctype}
             else:
@@ -196,6 +202,8 @@ class _Handler(BaseHTTPRequestHandler):
             resp.body = resp.body[: len(resp.body) // 2]
         if fault is not None and fault.kind == "omit" and resp.status == 200:
             resp.body = fault.without_field(resp.body)
+        if fault is not None and fault.kind == "relink" and resp.status == 200:
+            resp.body = fault.relinked(resp.body)
         self._write(resp)
 
     def _write(self, resp: Response, close: bool = False) -> None:
@@ -343,11 +351,18 @@ class KlaviyoSimulator:
         times: int = 1,
         path_contains: str | None = None,
         probability: float = 1.0,
+        skip: int = 0,
         **opts: Any,
     ) -> Fault:
-        """Arm a fault for the next ``times`` matching requests; see ``faults`` for kinds."""
+        """Arm a fault for the next ``times`` matching requests after ``skip`` of them; see
+        ``faults`` for kinds."""
         return self.faults.inject(
-            kind, times=times, path_contains=path_contains, probability=probability, **opts
+            kind,
+            times=times,
+            path_contains=path_contains,
+            probability=probability,
+            skip=skip,
+            **opts,
         )
 
     def clear_faults(self) -> None:

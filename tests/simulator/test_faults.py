@@ -116,3 +116,76 @@ def test_matching_probability_counters_and_clear(tools: Any) -> None:
         assert all(client.get("/api/tags").status_code == 200 for _ in range(5))
         with pytest.raises(ValueError):
             sim.inject_fault("meteor")
+
+
+def _first_profiles_page(client: Any, segment_id: str) -> requests.Response:
+    return client.get(f"/api/segments/{segment_id}/profiles", {"page[size]": 20})
+
+
+def test_relink_moves_only_the_next_link_to_the_other_origin(
+    fresh_sim: KlaviyoSimulator, fresh: Any, tools: Any
+) -> None:
+    segment_id = tools.largest_segment(fresh_sim.account)
+    honest = _first_profiles_page(fresh, segment_id).json()
+    fresh_sim.inject_fault("relink", origin="http://127.0.0.1:9", path_contains="/profiles")
+
+    relinked = _first_profiles_page(fresh, segment_id).json()
+
+    assert relinked["data"] == honest["data"]
+    assert relinked["links"]["self"] == honest["links"]["self"]
+    assert relinked["links"]["next"] == honest["links"]["next"].replace(
+        fresh_sim.base_url, "http://127.0.0.1:9"
+    )
+    assert _first_profiles_page(fresh, segment_id).json()["links"] == honest["links"]
+
+
+def test_redirect_answers_307_to_the_same_path_and_query_on_the_other_origin(
+    fresh_sim: KlaviyoSimulator, fresh: Any
+) -> None:
+    fresh_sim.inject_fault("redirect", origin="https://elsewhere.test:8443")
+
+    moved = fresh.get("/api/tags?page%5Bsize%5D=5", allow_redirects=False)
+
+    assert moved.status_code == 307 and moved.content == b""
+    assert moved.headers["Location"] == "https://elsewhere.test:8443/api/tags?page%5Bsize%5D=5"
+
+
+def test_a_404_fault_with_skip_hits_the_third_page_of_a_walk_only(
+    fresh_sim: KlaviyoSimulator, fresh: Any, tools: Any
+) -> None:
+    segment_id = tools.largest_segment(fresh_sim.account)
+    fresh_sim.inject_fault("status", status=404, skip=2, path_contains=f"/{segment_id}/profiles")
+    answers = [_first_profiles_page(fresh, segment_id) for _ in range(4)]
+
+    assert [answer.status_code for answer in answers] == [200, 200, 404, 200]
+    error = answers[2].json()["errors"][0]
+    assert (error["status"], error["code"]) == (404, "not_found")
+    assert segment_id in fresh_sim.account.segments()
+
+
+def test_delete_segment_deletes_it_as_the_matching_request_arrives(
+    fresh_sim: KlaviyoSimulator, fresh: Any, tools: Any
+) -> None:
+    segment_id = tools.largest_segment(fresh_sim.account)
+    fresh_sim.inject_fault(
+        "delete_segment", segment_id=segment_id, skip=1, path_contains="/profiles"
+    )
+
+    assert _first_profiles_page(fresh, segment_id).status_code == 200
+    assert segment_id in fresh_sim.account.segments()
+    gone = _first_profiles_page(fresh, segment_id)
+
+    assert gone.status_code == 404
+    assert segment_id not in fresh_sim.account.segments()
+    assert fresh.get(f"/api/segments/{segment_id}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [("relink", {}), ("redirect", {}), ("delete_segment", {}), ("status", {"skip": -1})],
+)
+def test_faults_without_their_target_are_refused(
+    fresh_sim: KlaviyoSimulator, kind: str, options: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError):
+        fresh_sim.inject_fault(kind, **options)
