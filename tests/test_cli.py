@@ -1,0 +1,135 @@
+"""The `klaviyo-export` command, called in-process as `main(argv)` against the simulator.
+
+Configured the way a user configures it: environment variables, and a DuckDB file of the test's
+own. What the command wrote is compared with the simulator's account.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Set, Tuple
+
+import duckdb
+import pytest
+
+from klaviyo_source.cli import DEMO_PIPELINE_NAME, main
+from klaviyo_source.simulator import KlaviyoSimulator
+
+EXPORT = Path(sys.executable).with_name("klaviyo-export")
+
+
+@pytest.fixture
+def database(simulator: KlaviyoSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user's environment pointed at the simulator; the DuckDB file the command writes."""
+    exported = tmp_path / "export.duckdb"
+    monkeypatch.setenv("SOURCES__KLAVIYO__API_KEY", simulator.api_key)
+    monkeypatch.setenv("SOURCES__KLAVIYO__BASE_URL", simulator.base_url)
+    monkeypatch.setenv("SOURCES__KLAVIYO__RATE_LIMIT_TIME_SCALE", "1000")
+    monkeypatch.setenv("DESTINATION__DUCKDB__CREDENTIALS", str(exported))
+    monkeypatch.chdir(tmp_path)  # anything written to the working directory stays here
+    return exported
+
+
+def _rows(database: Path, sql: str) -> List[Tuple[Any, ...]]:
+    with duckdb.connect(str(database), read_only=True) as connection:
+        return connection.execute(sql).fetchall()
+
+
+def _data_tables(database: Path) -> Set[str]:
+    if not database.exists():
+        return set()
+    tables = _rows(database, "SELECT table_name FROM information_schema.tables")
+    return {name for (name,) in tables if not name.startswith("_dlt")}
+
+
+def _only_error_line(capsys: pytest.CaptureFixture[str], api_key: str = "") -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ") and "Traceback" not in captured.err
+    if api_key:
+        assert api_key not in captured.out + captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "says"),
+    [
+        (["--destination", "duckbd"], {}, ["'duckbd'", "--destination", "Did you mean duckdb?"]),
+        (["--progress", "tqdm"], {}, ['pip install "tqdm"', "--progress log"]),
+        (["--demo", "--demo-profiles", "-5"], {}, ["--demo-profiles", "1 or more"]),
+        ([], {"EXTRACT__WORKERS": "abc"}, ["[extract] workers", "not a valid int", "EXTRACT__"]),
+        (
+            ["--destination", "postgres"],
+            {},
+            ["DESTINATION__POSTGRES__CREDENTIALS", "[destination.postgres.credentials]"],
+        ),
+        (
+            ["--destination", "filesystem"],
+            {},
+            ["bucket_url", "DESTINATION__FILESYSTEM__BUCKET_URL", "[destination.filesystem]"],
+        ),
+    ],
+    ids=[
+        "unknown-destination",
+        "progress-package-missing",
+        "negative-demo-size",
+        "extract-workers-not-a-number",
+        "postgres-without-credentials",
+        "filesystem-without-bucket-url",
+    ],
+)
+def test_a_setting_the_run_cannot_use_is_one_line_naming_it_and_the_fix(
+    argv: List[str],
+    env: Dict[str, str],
+    says: List[str],
+    simulator: KlaviyoSimulator,
+    database: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as where tqdm is not installed
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    assert main([*argv, "--quiet"]) == 1
+
+    line = _only_error_line(capsys, simulator.api_key)
+    for fragment in says:
+        assert fragment in line
+    assert "SOURCES__KLAVIYO__WORKERS" not in line
+    assert _data_tables(database) == set()
+
+
+def test_an_unknown_log_level_is_one_line_from_the_installed_command(tmp_path: Path) -> None:
+    # dlt sets up its logging once a process: only a process of its own shows what a user sees.
+    env = dict(os.environ, RUNTIME__LOG_LEVEL="LOUD", SOURCES__KLAVIYO__API_KEY="pk_unused")
+    result = subprocess.run(
+        [str(EXPORT), "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "log_level" in lines[0] and "RUNTIME__LOG_LEVEL" in lines[0] and "INFO" in lines[0]
+
+
+def test_the_demo_exports_into_a_pipeline_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["--demo", "--demo-profiles", "40", "--quiet"]) == 0, capsys.readouterr().err
+
+    pipelines = Path(os.environ["DLT_DATA_DIR"]) / "pipelines"
+    assert {path.name for path in pipelines.iterdir()} == {DEMO_PIPELINE_NAME}
+    demo = tmp_path / "klaviyo_demo.duckdb"
+    assert _rows(demo, "SELECT count(*) FROM klaviyo.segment_memberships")[0][0] > 0
