@@ -5,6 +5,7 @@ The `klaviyo-export` command, installed with the package:
     klaviyo-export                                   # Klaviyo -> klaviyo_segments.duckdb
     klaviyo-export --demo                            # simulator -> klaviyo_demo.duckdb
     klaviyo-export --destination postgres --segments Y6nRLr,TxVpCr
+    klaviyo-export --segment-name 'VIP, "gold"' --segment-name 'Newsletter'
 
 The key comes the dlt way: SOURCES__KLAVIYO__API_KEY or [sources.klaviyo] api_key in
 .dlt/secrets.toml; every other option lives in .dlt/config.toml. A run exports into the
@@ -54,7 +55,19 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--destination", default="duckdb", help="any dlt destination (duckdb)")
     parser.add_argument("--dataset-name", default="klaviyo", help="dataset/schema (klaviyo)")
     parser.add_argument("--segments", help="comma-separated segment ids to export (all)")
-    parser.add_argument("--segment-names", help="comma-separated segment names to export (all)")
+    parser.add_argument(
+        "--segment-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a segment name to export, exactly as in Klaviyo; repeat the flag for more. Any "
+        "name works, with commas, quotes or emoji: --segment-name 'VIP, \"gold\"'",
+    )
+    parser.add_argument(
+        "--segment-names",
+        help="comma-separated segment names to export (names without commas; see "
+        "--segment-name). A selected id or name Klaviyo does not have fails the run",
+    )
     parser.add_argument(
         "--memberships-only",
         action="store_true",
@@ -107,8 +120,9 @@ def source_options(args: argparse.Namespace) -> Dict[str, Any]:
     options: Dict[str, Any] = {}
     if args.segments:
         options["segment_ids"] = _csv(args.segments)
-    if args.segment_names:
-        options["segment_names"] = _csv(args.segment_names)
+    names = [*args.segment_name, *_csv(args.segment_names)]
+    if names:
+        options["segment_names"] = names
     if args.memberships_only:
         options["include_profiles"] = False
     if args.reconcile:

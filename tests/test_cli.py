@@ -8,15 +8,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Callable, Dict, List, Set, Tuple
 
+import dlt
 import duckdb
 import pytest
 
 from klaviyo_source.cli import DEMO_PIPELINE_NAME, main
-from klaviyo_source.simulator import KlaviyoSimulator
+from klaviyo_source.errors import KlaviyoConfigError
+from klaviyo_source.simulator import Account, KlaviyoSimulator
 
 EXPORT = Path(sys.executable).with_name("klaviyo-export")
+UNUSUAL_NAME = 'VIP, "gold" \\ 🌟 会员'
 
 
 @pytest.fixture
@@ -43,6 +46,23 @@ def _data_tables(database: Path) -> Set[str]:
     return {name for (name,) in tables if not name.startswith("_dlt")}
 
 
+def _members(database: Path) -> Dict[str, Set[str]]:
+    loaded: Dict[str, Set[str]] = {}
+    for segment_id, profile_id in _rows(
+        database, "SELECT segment_id, profile_id FROM klaviyo.segment_memberships WHERE is_member"
+    ):
+        loaded.setdefault(segment_id, set()).add(profile_id)
+    return loaded
+
+
+def _truth(account: Account, segment_ids: Set[str]) -> Dict[str, Set[str]]:
+    return {
+        segment_id: set(members)
+        for segment_id, members in account.memberships().items()
+        if members and segment_id in segment_ids
+    }
+
+
 def _only_error_line(capsys: pytest.CaptureFixture[str], api_key: str = "") -> str:
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
@@ -51,6 +71,75 @@ def _only_error_line(capsys: pytest.CaptureFixture[str], api_key: str = "") -> s
     if api_key:
         assert api_key not in captured.out + captured.err
     return lines[0]
+
+
+def test_a_segment_name_no_segment_has_fails_the_run_naming_the_closest(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    database: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    real = next(iter(account.segments().values()))["name"]
+    typo = real[:-1]
+
+    assert main(["--segment-names", typo, "--quiet"]) == 1
+
+    line = _only_error_line(capsys, simulator.api_key)
+    assert f'no segment named "{typo}"' in line
+    assert f'closest: "{real}"' in line
+    assert "--segment-name" in line
+    assert _data_tables(database) == set()
+
+
+def test_a_segment_id_no_segment_has_fails_the_run_naming_the_closest(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    database: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    real_id, segment = next(iter(account.segments().items()))
+    wrong = real_id[:-1] + ("x" if real_id[-1] != "x" else "y")
+
+    assert main(["--segments", wrong, "--quiet"]) == 1
+
+    line = _only_error_line(capsys, simulator.api_key)
+    assert f"no segment with id {wrong}" in line
+    assert f'closest: {real_id} "{segment["name"]}"' in line
+    assert _data_tables(database) == set()
+
+
+def test_a_library_run_with_an_unknown_segment_name_fails_too(
+    source_for: Callable[..., Any], make_pipeline: Callable[..., dlt.Pipeline]
+) -> None:
+    pipeline = make_pipeline()
+    with pytest.raises(Exception) as raised:
+        pipeline.run(source_for(segment_names=["No such segment"]))
+
+    cause: BaseException = raised.value
+    while cause.__cause__ is not None and not isinstance(cause, KlaviyoConfigError):
+        cause = cause.__cause__
+    assert isinstance(cause, KlaviyoConfigError)
+    assert '"No such segment"' in str(cause)
+
+
+def test_any_segment_name_is_selectable_one_per_flag(
+    account: Account, database: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unusual = account.create_segment(UNUSUAL_NAME)
+    for profile_id in list(account.profiles())[:5]:
+        account.join(unusual, profile_id)
+    other_id, other = next(
+        (segment_id, segment)
+        for segment_id, segment in account.segments().items()
+        if "," not in segment["name"] and account.members(segment_id)
+    )
+
+    argv = ["--segment-name", UNUSUAL_NAME, "--segment-names", other["name"], "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+
+    assert _members(database) == _truth(account, {unusual, other_id})
+    names = dict(_rows(database, "SELECT id, name FROM klaviyo.segments"))
+    assert names == {unusual: UNUSUAL_NAME, other_id: other["name"]}
 
 
 @pytest.mark.parametrize(
