@@ -82,7 +82,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--full-refresh",
         action="store_true",
-        help="drop this source's tables and cursors, then export everything again",
+        help="start over: drop every table and cursor of this source before anything is read, "
+        "then export Klaviyo's current membership as if for the first time (the history of "
+        "ended memberships is gone)",
     )
     parser.add_argument(
         "--demo",

@@ -38,6 +38,7 @@ from dlt.common.exceptions import DltException, MissingDependencyException
 from dlt.common.pipeline import LoadInfo
 from dlt.extract import DltSource
 from dlt.pipeline.exceptions import PipelineStepFailed
+from dlt.pipeline.helpers import pipeline_drop
 
 from .errors import KlaviyoError
 from .process_memory import managed_for_an_export
@@ -120,7 +121,9 @@ class KlaviyoExport:
 
     Args:
         pipeline: The pipeline to load into, with its destination set.
-        full_refresh: Drop this source's tables and cursors, then export everything again.
+        full_refresh: Start over: drop every table and cursor of this source before anything
+            is read, and export Klaviyo's current membership as if for the first time; the
+            history of past memberships and periods is gone.
         loader_file_format: dlt's loader file format; parquet for DuckDB when unset (the
             memberships are Arrow tables, which DuckDB loads as they are).
     """
@@ -146,7 +149,9 @@ class KlaviyoExport:
         file_format = self.loader_file_format or ("parquet" if _is_duckdb(pipeline) else None)
         try:
             with settings_applied(export_settings(pipeline, file_format)):
-                if pipeline.has_pending_data:
+                if self.full_refresh:
+                    start_over(pipeline, data.schema.name)
+                elif pipeline.has_pending_data:
                     # dlt's run() then only finishes those packages; new changes wait.
                     logger.warning(
                         "Finishing the load an interrupted run left; run again to fetch new "
@@ -155,7 +160,6 @@ class KlaviyoExport:
                 with managed_for_an_export():
                     load_info = pipeline.run(
                         data,
-                        refresh="drop_sources" if self.full_refresh else None,  # type: ignore[arg-type]
                         loader_file_format=file_format,  # type: ignore[arg-type]
                     )
                 views = create_views(pipeline)
@@ -222,6 +226,24 @@ def settings_applied(settings: Dict[str, str]) -> Iterator[None]:
                 os.environ.pop(variable, None)
             else:
                 os.environ[variable] = previous
+
+
+def start_over(pipeline: dlt.Pipeline, schema_name: str) -> None:
+    """Drop this source's tables and state in the destination, before anything is read.
+
+    dlt's `refresh="drop_sources"` drops the tables only when the new data loads, so the
+    source would still read the old tables (when each membership was first seen) while it
+    extracts. This drops first, the way `dlt pipeline <name> drop --drop-all` does; packages
+    an interrupted run left are discarded rather than loaded.
+    """
+    if pipeline.has_pending_data:
+        pipeline.drop_pending_packages()
+    # A pipeline that never ran here may still have loaded elsewhere: its state and schema
+    # come back from the destination.
+    pipeline.sync_destination()
+    if schema_name not in pipeline.schema_names:
+        return
+    pipeline_drop(pipeline, schema_name=schema_name, drop_all=True, state_paths="*")()
 
 
 def one_line(error: BaseException) -> str:

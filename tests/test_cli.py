@@ -7,12 +7,14 @@ own. What the command wrote is compared with the simulator's account.
 import os
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Set, Tuple
 
 import dlt
 import duckdb
 import pytest
+from expected import utc
 
 from klaviyo_source.cli import DEMO_PIPELINE_NAME, main
 from klaviyo_source.errors import KlaviyoConfigError
@@ -222,3 +224,33 @@ def test_the_demo_exports_into_a_pipeline_of_its_own(
     assert {path.name for path in pipelines.iterdir()} == {DEMO_PIPELINE_NAME}
     demo = tmp_path / "klaviyo_demo.duckdb"
     assert _rows(demo, "SELECT count(*) FROM klaviyo.segment_memberships")[0][0] > 0
+
+
+def test_full_refresh_exports_the_current_membership_as_if_for_the_first_time(
+    account: Account, database: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    segment_id = max(account.memberships(), key=lambda sid: len(account.members(sid)))
+    stays_out, comes_back = list(account.members(segment_id))[:2]
+    assert main(["--quiet"]) == 0
+    account.leave(segment_id, stays_out)
+    account.leave(segment_id, comes_back)
+    assert main(["--quiet", "--reconcile", "all"]) == 0
+    account.join(segment_id, comes_back)
+    assert main(["--quiet", "--reconcile", "all"]) == 0
+    ended = "SELECT count(*) FROM klaviyo.segment_memberships WHERE NOT is_member"
+    assert _rows(database, ended)[0][0] > 0  # history the refresh must not carry over
+
+    refreshed_at = datetime.now(timezone.utc)
+    assert main(["--quiet", "--full-refresh"]) == 0, capsys.readouterr().err
+
+    assert _members(database) == _truth(account, set(account.segments()))
+    assert _rows(database, ended)[0][0] == 0
+    first_seen = _rows(database, "SELECT first_seen_at FROM klaviyo.segment_memberships")
+    assert first_seen and all(utc(seen) >= refreshed_at for (seen,) in first_seen)
+    periods = _rows(
+        database,
+        "SELECT count(*), count(left_at_latest), min(first_seen_at) "
+        "FROM klaviyo.segment_membership_periods",
+    )[0]
+    assert periods[0] == len(first_seen) and periods[1] == 0
+    assert utc(periods[2]) >= refreshed_at
