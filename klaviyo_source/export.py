@@ -11,9 +11,9 @@
     print(report.summary)
 
 `KlaviyoExport.run` is `pipeline.run` with what an export needs around it: DuckDB's memory
-capped, the process's memory managed (see process_memory), the SQL views refreshed, a summary
-of members per segment, and every failure raised as `ExportFailed` whose message is one line
-naming the cause and the fix.
+capped, the process's memory managed (see process_memory), completed load packages emptied
+of their data, the SQL views refreshed, a summary of members per segment, and every failure
+raised as `ExportFailed` whose message is one line naming the cause and the fix.
 """
 
 import contextlib
@@ -71,6 +71,9 @@ PARQUET_BUFFER_ROWS = WALK_BATCH_PROFILES
 # jsonl load failed (when dlt still loaded every table at once). Text formats get more room.
 DUCKDB_TEXT_FORMAT_MEMORY_LIMIT = "512MB"
 DUCKDB_TYPE = "dlt.destinations.duckdb"
+# A loaded package keeps every file it loaded (profiles with their emails) in the pipeline's
+# working folder, run after run; its schema, state and job list are all dlt's commands need.
+DELETE_COMPLETED_JOBS = "load.delete_completed_jobs"
 
 # What a failure in each dlt step leaves behind, and so what the next run does.
 _AFTER_STEP = {
@@ -186,9 +189,9 @@ def export_settings(pipeline: dlt.Pipeline, loader_file_format: Optional[str]) -
 
     Set your own with DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG='{"memory_limit": "1GB"}'
     or `global_config` under [destination.duckdb.credentials] in .dlt/secrets.toml, and
-    LOAD__WORKERS, DATA_WRITER__BUFFER_MAX_ITEMS.
+    LOAD__WORKERS, DATA_WRITER__BUFFER_MAX_ITEMS, LOAD__DELETE_COMPLETED_JOBS.
     """
-    settings: Dict[str, str] = {}
+    settings = {DELETE_COMPLETED_JOBS: "true"}
     if not _is_duckdb(pipeline):
         return settings
     duckdb_settings = dict(DUCKDB_SETTINGS)

@@ -16,10 +16,11 @@ import duckdb
 import pytest
 from expected import utc
 
-from klaviyo_source.cli import DEMO_PIPELINE_NAME, main
+from klaviyo_source.cli import DEMO_PIPELINE_NAME, PIPELINE_NAME, main
 from klaviyo_source.errors import KlaviyoConfigError
 from klaviyo_source.simulator import Account, KlaviyoSimulator
 
+DLT = Path(sys.executable).with_name("dlt")
 EXPORT = Path(sys.executable).with_name("klaviyo-export")
 UNUSUAL_NAME = 'VIP, "gold" \\ 🌟 会员'
 
@@ -254,3 +255,35 @@ def test_full_refresh_exports_the_current_membership_as_if_for_the_first_time(
     )[0]
     assert periods[0] == len(first_seen) and periods[1] == 0
     assert utc(periods[2]) >= refreshed_at
+
+
+def test_loaded_packages_keep_no_profile_data_and_dlt_commands_still_work(
+    account: Account, database: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--quiet"]) == 0
+    segment_id = next(sid for sid, members in account.memberships().items() if members)
+    account.join(segment_id, account.add_profile(email="late.joiner@example.com"))
+    assert main(["--quiet"]) == 0, capsys.readouterr().err
+
+    emails = {
+        profile["email"].encode() for profile in account.profiles().values() if profile.get("email")
+    }
+    loaded = {email for (email,) in _rows(database, "SELECT email FROM klaviyo.profiles")}
+    assert b"late.joiner@example.com" in emails and "late.joiner@example.com" in loaded
+    working_dir = Path(dlt.attach(PIPELINE_NAME).working_dir)
+    for path in working_dir.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(email in content for email in emails), path
+
+    for command in (["info"], ["trace"]):
+        shown = subprocess.run(
+            [str(DLT), "pipeline", PIPELINE_NAME, *command],
+            env=dict(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert "segment_memberships" in shown.stdout
