@@ -98,7 +98,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--progress",
         choices=["log", "tqdm", "enlighten", "alive_progress"],
-        help="dlt's progress display for long runs (log needs no extra package)",
+        help="dlt's own progress display of its extract, normalize and load steps; it counts "
+        "dlt's resources and items, not segments: the per-segment lines show those (log needs "
+        "no extra package)",
     )
     parser.add_argument("--quiet", action="store_true", help="no per-segment lines")
     parser.add_argument(
