@@ -4,8 +4,9 @@ Values are quoted the way Klaviyo's filter grammar wants them: strings in double
 `\\` and `"` escaped, booleans bare, datetimes bare RFC 3339 in UTC with `Z`.
 """
 
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 
 def quoted(value: str) -> str:
@@ -35,13 +36,25 @@ def all_of(expressions: Sequence[str]) -> Optional[str]:
     return f"and({','.join(expressions)})"
 
 
+@dataclass(frozen=True)
+class SegmentSelection:
+    """The segments a user configured: the listing's `filter`, and the names it asks for.
+
+    The names travel with the filter so that whoever reads the listing can tell a name that
+    matches no segment (a typo, a renamed segment) from a name that selects one.
+    """
+
+    filter: Optional[str]
+    names: Tuple[str, ...] = ()
+
+
 def segment_selection(
     segment_ids: Optional[Sequence[str]] = None,
     segment_names: Optional[Sequence[str]] = None,
     is_active: Optional[bool] = None,
     is_starred: Optional[bool] = None,
-) -> Optional[str]:
-    """The `filter` for GET /api/segments that selects the segments a user configured."""
+) -> SegmentSelection:
+    """What GET /api/segments must be asked for to select the segments a user configured."""
     expressions: List[str] = []
     if segment_ids:
         expressions.append(f"any(id,[{','.join(quoted(value) for value in segment_ids)}])")
@@ -51,4 +64,4 @@ def segment_selection(
         expressions.append(f"equals(is_active,{str(is_active).lower()})")
     if is_starred is not None:
         expressions.append(f"equals(is_starred,{str(is_starred).lower()})")
-    return all_of(expressions)
+    return SegmentSelection(all_of(expressions), tuple(segment_names or ()))

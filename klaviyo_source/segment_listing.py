@@ -2,17 +2,24 @@
 
 A segment loaded before and missing from today's listing is either deleted or simply no
 longer selected (renamed out of a name filter, made inactive). One GET of that segment tells
-which: a 404 means deleted, a 200 brings its current attributes. Configured segment ids
-Klaviyo has never had are a user error.
+which: a 404 means deleted, a 200 brings its current attributes. A configured segment id or
+name Klaviyo does not have is a user error: the run fails, naming the closest segments, rather
+than exporting nothing.
 """
 
+import difflib
+import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .client import KlaviyoClient
 from .errors import KlaviyoConfigError, KlaviyoNotFound
+from .filters import SegmentSelection
 from .run import Run
+
+# How many existing segments an unknown id or name is shown beside.
+CLOSEST_SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -44,20 +51,20 @@ class ListedSegment:
 
 def list_segments(
     client: KlaviyoClient,
-    selection_filter: Optional[str],
+    selection: SegmentSelection,
     configured_ids: Sequence[str],
     run: Run,
 ) -> Iterator[ListedSegment]:
     """Yield every selected live segment, then every held segment that was deleted.
 
     The listing is read whole before anything is yielded, so that a misconfigured segment id
-    fails the run before any segment is walked.
+    or name fails the run before any segment is walked.
     """
     held = run.held
     counts = held.member_counts()
     # Keyed by id: a segment listed on two pages is walked once.
     live_by_id: Dict[str, ListedSegment] = {}
-    for document in client.get_segments(filter=selection_filter, include=["tags"]):
+    for document in client.get_segments(filter=selection.filter, include=["tags"]):
         for resource in document.get("data") or []:
             live_by_id.setdefault(
                 resource["id"],
@@ -71,16 +78,17 @@ def list_segments(
     live = list(live_by_id.values())
     listed = set(live_by_id)
     held_live = held.live_segments()
-    unknown = [
+    unknown_ids = [
         value
         for value in configured_ids
         if value not in listed and value not in held_live and _current(client, value) is None
     ]
-    if unknown:
-        raise KlaviyoConfigError(
-            f"Klaviyo has no segment with id {', '.join(unknown)}. Fix [sources.klaviyo] "
-            "segment_ids (or --segments): the id is the last part of the segment's URL in Klaviyo."
-        )
+    listed_names = {segment.name for segment in live}
+    # A name missing from the listing may belong to a segment the other conditions leave out
+    # (is_active, is_starred): only a name no segment has is an error.
+    unlisted_names = [name for name in selection.names if name not in listed_names]
+    if unknown_ids or unlisted_names:
+        _fail_on_unknown(client, unknown_ids, unlisted_names)
     yield from live
     for segment_id, held_row in held_live.items():
         if segment_id in listed:
@@ -92,6 +100,57 @@ def list_segments(
             # Still in Klaviyo but no longer selected (made inactive, renamed out of a name
             # filter): its row is kept up to date, its members are no longer walked.
             yield ListedSegment(id=segment_id, run=run, resource=resource, selected=False)
+
+
+def _fail_on_unknown(
+    client: KlaviyoClient, unknown_ids: Sequence[str], unlisted_names: Sequence[str]
+) -> None:
+    """Raise, naming the closest existing segments, if any id or name matches no segment."""
+    existing = _all_segment_names(client)
+    unknown_names = [name for name in unlisted_names if name not in existing.values()]
+    problems: List[str] = []
+    if unknown_ids:
+        shown = {key: f"{key} {_quoted(name)}" for key, name in existing.items()}
+        problems.append(
+            f"Klaviyo has no segment with id {', '.join(unknown_ids)} "
+            f"({_closest(unknown_ids, shown)}). Fix [sources.klaviyo] segment_ids (or "
+            "--segments): the id is the last part of the segment's URL in Klaviyo."
+        )
+    if unknown_names:
+        shown = {name: _quoted(name) for name in existing.values()}
+        problems.append(
+            f"Klaviyo has no segment named {', '.join(_quoted(name) for name in unknown_names)} "
+            f"({_closest(unknown_names, shown)}). Fix [sources.klaviyo] segment_names (or "
+            "--segment-name): a name must match a segment's name exactly."
+        )
+    if problems:
+        raise KlaviyoConfigError(" ".join(problems))
+
+
+def _all_segment_names(client: KlaviyoClient) -> Dict[str, str]:
+    """Every segment of the account, id to name: asked only when a selection matched none."""
+    names: Dict[str, str] = {}
+    for document in client.get_segments(fields_segment=["name"]):
+        for resource in document.get("data") or []:
+            names[resource["id"]] = str((resource.get("attributes") or {}).get("name") or "")
+    return names
+
+
+def _closest(asked: Sequence[str], shown: Dict[str, str]) -> str:
+    """The existing segments most like what was asked for, as `closest: a, b, c`."""
+    if not shown:
+        return "the account has no segments"
+    candidates: List[str] = []
+    for value in asked:
+        for match in difflib.get_close_matches(value, list(shown), n=CLOSEST_SHOWN, cutoff=0):
+            if match not in candidates:
+                candidates.append(match)
+    return "closest: " + ", ".join(shown[match] for match in candidates[:CLOSEST_SHOWN])
+
+
+def _quoted(name: str) -> str:
+    # JSON quoting shows a name's own quotes and commas unambiguously, its letters as they are.
+    return json.dumps(name, ensure_ascii=False)
 
 
 def _current(client: KlaviyoClient, segment_id: str) -> Optional[Dict[str, Any]]:

@@ -19,19 +19,12 @@ import sys
 from typing import List, Optional, Sequence
 
 import dlt
-from dlt.common.configuration.exceptions import ConfigFieldMissingException
-from dlt.pipeline.exceptions import PipelineStepFailed
-from klaviyo_pipeline import (
-    _one_line,
-    _root_cause,
-    build_parser,
-    cap_duckdb_memory,
-    run_and_report,
-    show_progress,
-)
+from dlt.common.exceptions import DltException
 
 from klaviyo_source import klaviyo
+from klaviyo_source.cli import build_parser, exporter, print_report, segment_lines_shown
 from klaviyo_source.errors import KlaviyoError
+from klaviyo_source.export import ExportFailed, one_line
 
 
 def account_names(value: str) -> List[str]:
@@ -47,22 +40,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--accounts", type=account_names, required=True, help="comma-separated account names"
     )
     args = parser.parse_args(argv)
-    show_progress(args)
-    cap_duckdb_memory(args)
-    failed = 0
-    for account in args.accounts:
-        print(f"== account {account}")
-        try:
-            pipeline = dlt.pipeline(
-                pipeline_name=f"klaviyo_segments_{account}",
-                destination=args.destination,
-                dataset_name=f"{args.dataset_name}_{account}",
-            )
-            run_and_report(pipeline, klaviyo(), args)
-        except (KlaviyoError, PipelineStepFailed, ConfigFieldMissingException) as error:
-            failed += 1
-            print(f"error: account {account}: {_one_line(_root_cause(error))}", file=sys.stderr)
+    with segment_lines_shown(args.quiet):
+        failed = [account for account in args.accounts if not export_account(args, account)]
     return 1 if failed else 0
+
+
+def export_account(args: argparse.Namespace, account: str) -> bool:
+    """Export one account into its own pipeline and dataset; False, and one line, if it failed."""
+    print(f"== account {account}")
+    try:
+        pipeline = dlt.pipeline(
+            pipeline_name=f"klaviyo_segments_{account}",
+            destination=args.destination,
+            dataset_name=f"{args.dataset_name}_{account}",
+        )
+        print_report(exporter(args, pipeline).run(klaviyo()))
+    except ExportFailed as error:
+        if error.report is not None:
+            print_report(error.report)
+        print(f"error: account {account}: {error}", file=sys.stderr)
+        return False
+    except (KlaviyoError, DltException) as error:
+        print(f"error: account {account}: {one_line(error)}", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -123,22 +123,19 @@ def test_missing_key_names_where_to_put_it(user_env: Dict[str, str]) -> None:
     assert "SOURCES__KLAVIYO__API_KEY" in lines[0]
 
 
-# Opens the pipeline's DuckDB the way the script's pipeline does, after the script's settings.
+# Opens the pipeline's DuckDB the way an export does, under the export's settings.
 _DUCKDB_SETTINGS_PROBE = """
-import argparse, sys
-sys.path.insert(0, "pipelines")
-import klaviyo_pipeline
+import sys
 import dlt
+from klaviyo_source.export import export_settings, settings_applied
 file_format = sys.argv[1] if len(sys.argv) > 1 else None
-klaviyo_pipeline.cap_duckdb_memory(
-    argparse.Namespace(destination="duckdb", loader_file_format=file_format)
-)
 pipeline = dlt.pipeline(pipeline_name="probe", destination="duckdb", dataset_name="probe")
-with pipeline.sql_client() as client:
+with settings_applied(export_settings(pipeline, file_format)), pipeline.sql_client() as client:
     limit, ordered = client.execute_sql(
         "SELECT current_setting('memory_limit'), current_setting('preserve_insertion_order')"
     )[0]
-workers, buffered = dlt.config.get("load.workers"), dlt.config.get("data_writer.buffer_max_items")
+    workers = dlt.config.get("load.workers")
+    buffered = dlt.config.get("data_writer.buffer_max_items")
 print(limit, ordered, workers, buffered)
 """
 
@@ -149,7 +146,7 @@ def _duckdb_settings(env: Dict[str, str], *file_format: str) -> str:
     return probe.stdout.strip()
 
 
-def test_script_caps_duckdb_memory_unless_configured(user_env: Dict[str, str]) -> None:
+def test_an_export_caps_duckdb_memory_unless_configured(user_env: Dict[str, str]) -> None:
     # 64MB; one table loaded at a time; row groups flushed every 500 rows
     assert _duckdb_settings(user_env) == "61.0 MiB False 1 500"
     # jsonl files are read through 32 MB buffers, one per table loaded at once

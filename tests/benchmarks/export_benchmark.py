@@ -488,21 +488,17 @@ def run_export(job: ExportJob) -> ExportResult:
     """The export itself (runs in the child process): one `pipeline.run`, measured."""
     if job.extract_workers is not None:
         os.environ["EXTRACT__WORKERS"] = str(job.extract_workers)
-    # The memory settings of pipelines/klaviyo_pipeline.py: Arrow's system allocator (set on
-    # import, before pyarrow loads), DuckDB's memory cap and freed memory handed back.
-    sys.path.insert(0, str(ROOT / "pipelines"))
-    import klaviyo_pipeline
-
-    klaviyo_pipeline.cap_duckdb_memory(
-        argparse.Namespace(destination="duckdb", loader_file_format=job.loader_file_format)
-    )
     code = source_hash()  # before the import below: the code this export runs
     pipeline = make_pipeline(job)
     source = make_source(job)
     profiler = AllThreadsProfile() if job.profile_to else nullcontext()
+    # The memory settings of an export (klaviyo_source.export): DuckDB's memory cap, Arrow's
+    # system allocator and freed memory handed back.
+    from klaviyo_source.export import export_settings, settings_applied
     from klaviyo_source.process_memory import managed_for_an_export
 
-    with RssTimeline() as rss, profiler, managed_for_an_export():
+    tuned = settings_applied(export_settings(pipeline, job.loader_file_format))
+    with tuned, RssTimeline() as rss, profiler, managed_for_an_export():
         cpu_started, started = time.process_time(), time.perf_counter()
         load_info = pipeline.run(source, loader_file_format=job.loader_file_format)
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
