@@ -22,6 +22,7 @@ from dlt.destinations.exceptions import DatabaseUndefinedRelation
 from dlt.destinations.sql_client import SqlClientBase
 
 from . import settings
+from .views import appends_versions, newest_version_of_each_key
 
 # Rows read from the destination at a time when a whole segment is read.
 FETCH_ROWS = 10_000
@@ -49,15 +50,6 @@ _TABLES = (
     settings.PERIODS_TABLE,
     settings.PROFILES_TABLE,
 )
-
-
-def _newest_versions(qualified_table: str, key: str) -> str:
-    """A derived table holding only the newest loaded version of each key."""
-    return (
-        f"(SELECT * FROM (SELECT v.*, ROW_NUMBER() OVER (PARTITION BY v.{key} "
-        f"ORDER BY v._dlt_load_id DESC) AS version_rank FROM {qualified_table} AS v) AS ranked "
-        "WHERE version_rank = 1) AS newest"
-    )
 
 
 @dataclass(frozen=True)
@@ -99,7 +91,7 @@ class HeldData:
             return cls(None, appends_versions=False)
         return cls(
             pipeline.sql_client(),  # type: ignore[attr-defined]
-            appends_versions=getattr(destination, "destination_name", "") == "filesystem",
+            appends_versions=appends_versions(pipeline),
         )
 
     @property
@@ -137,7 +129,7 @@ class HeldData:
         with self._lock, self._client as client:
             qualified = client.make_qualified_table_name(table)
             if newest_versions:
-                qualified = _newest_versions(qualified, _KEYS[table])
+                qualified = f"{newest_version_of_each_key(qualified, _KEYS[table])} AS newest"
             with contextlib.ExitStack() as stack:
                 try:
                     cursor = stack.enter_context(
