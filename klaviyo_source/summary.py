@@ -1,5 +1,6 @@
 """What a run reports back: members per segment as loaded, and the segments that failed."""
 
+import unicodedata
 from typing import Dict
 
 from dlt.common.pipeline import SupportsPipeline
@@ -49,12 +50,26 @@ def membership_summary(pipeline: SupportsPipeline) -> str:
     else:
         query = _members_per_segment(table)
     rows = dataset(query).fetchall()
-    width = max([len(str(name)) for _, name, _ in rows] + [len("segment")])
+    width = max([display_width(str(name)) for _, name, _ in rows] + [len("segment")])
     lines = [f"{'segment':<{width}}  {'id':<8}  members", "-" * (width + 19)]
     lines += [
-        f"{str(name):<{width}}  {segment_id:<8}  {int(members or 0):>7}"
+        f"{padded(str(name), width)}  {segment_id:<8}  {int(members or 0):>7}"
         for segment_id, name, members in rows
     ]
     total = sum(int(members or 0) for _, _, members in rows)
     lines.append(f"{len(rows)} segments, {total} memberships")
     return "\n".join(lines)
+
+
+def display_width(text: str) -> int:
+    """Columns `text` takes in a terminal: wide (CJK, most emoji) characters take two,
+    combining marks none."""
+    return sum(
+        0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+        for char in text
+    )
+
+
+def padded(text: str, width: int) -> str:
+    """`text` padded with spaces to `width` terminal columns."""
+    return text + " " * max(0, width - display_width(text))

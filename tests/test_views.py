@@ -22,6 +22,7 @@ from test_postgres import (
 )
 
 from klaviyo_source.simulator import Account, generate_account
+from klaviyo_source.summary import display_width, membership_summary
 from klaviyo_source.views import create_views
 
 
@@ -107,3 +108,20 @@ def test_every_view_and_the_summary_on_duckdb_state_the_truth_after_every_kind_o
     assert_views_match_truth(pipeline, account, deleted=changes.deleted)
     assert_summary_matches_truth(pipeline, account)
     assert_newest_version_views_answer_alike(pipeline)
+
+
+def test_the_summary_lines_up_wide_and_emoji_segment_names(
+    account: Account, source_for: Callable, make_pipeline: Callable
+) -> None:
+    names = {"日本のお客様", "Churn risk 🚨", "Café ☕ weekly"}
+    for segment_id, name in zip(sorted(account.memberships()), sorted(names), strict=False):
+        account.rename_segment(segment_id, name)
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+
+    lines = membership_summary(pipeline).splitlines()[2:-1]
+
+    assert names <= {line.rsplit(maxsplit=2)[0] for line in lines}
+    # The id column starts at the same terminal column on every line.
+    id_columns = {display_width(line[: line.rindex(line.split()[-2])]) for line in lines}
+    assert len(id_columns) == 1
