@@ -7,23 +7,20 @@ shows in no error and no log line at any level, in the source or through the scr
 """
 
 import logging
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
-from typing import Callable, Dict, Iterator
+from typing import Callable, Iterator
 
 import dlt
 import pytest
 from dlt.pipeline.exceptions import PipelineStepFailed
+from script_runs import SCRIPT, run_python, run_script, script_env
 
 from klaviyo_source import klaviyo
 from klaviyo_source.client import KlaviyoClient
 from klaviyo_source.errors import KlaviyoConfigError
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "pipelines" / "klaviyo_pipeline.py"
+API_KEY = "pk_test_0123456789abcdef"
 # DEBUG for every logger, not only dlt's: urllib3 and requests log through the root logger.
 DEBUG_EVERYTHING = (
     "import logging, runpy, sys; logging.basicConfig(level=logging.DEBUG); "
@@ -38,25 +35,6 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def script_env(tmp_path: Path, base_url: str) -> Dict[str, str]:
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("SOURCES__", "DESTINATION__", "RUNTIME__"))
-    }
-    env.update(
-        DLT_DATA_DIR=str(tmp_path / "dlt_home"),
-        DESTINATION__DUCKDB__CREDENTIALS=str(tmp_path / "export.duckdb"),
-        SOURCES__KLAVIYO__API_KEY="pk_test_0123456789abcdef",
-        SOURCES__KLAVIYO__BASE_URL=base_url,
-    )
-    return env
-
-
-def run_script(args: list, env: Dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -102,9 +80,9 @@ def test_the_script_refuses_plain_http_elsewhere_in_one_line_before_any_request(
     tmp_path: Path,
 ) -> None:
     # An address no test machine answers on; refused before any connection is tried.
-    env = script_env(tmp_path, "http://192.0.2.1:8080")
+    env = script_env(tmp_path, "http://192.0.2.1:8080", API_KEY)
 
-    result = run_script([sys.executable, str(SCRIPT)], env)
+    result = run_script(env)
 
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -149,10 +127,10 @@ def test_a_password_in_base_url_shows_in_no_error_and_no_log_line_at_debug(
 def test_a_password_in_base_url_shows_nowhere_in_the_scripts_output_at_debug(
     closed_port: int, tmp_path: Path
 ) -> None:
-    env = script_env(tmp_path, f"http://user:{PASSWORD}@127.0.0.1:{closed_port}")
+    env = script_env(tmp_path, f"http://user:{PASSWORD}@127.0.0.1:{closed_port}", API_KEY)
     env["RUNTIME__LOG_LEVEL"] = "DEBUG"
 
-    result = run_script([sys.executable, "-c", DEBUG_EVERYTHING], env)
+    result = run_python(env, "-c", DEBUG_EVERYTHING)
 
     assert result.returncode == 1
     output = result.stdout + result.stderr

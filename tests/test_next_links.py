@@ -6,9 +6,6 @@ cursor, and the next run without the rewrite loads exactly the simulator's truth
 origin is a real second server on 127.0.0.1 that records whatever reaches it.
 """
 
-import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
@@ -18,6 +15,7 @@ import pytest
 from dlt.pipeline.exceptions import PipelineStepFailed
 from expected import loaded_memberships, true_memberships
 from recording_server import RecordingServer
+from script_runs import run_script, script_env, stderr_lines
 
 from klaviyo_source import klaviyo
 from klaviyo_source.client import origin_of
@@ -25,8 +23,6 @@ from klaviyo_source.errors import KlaviyoForeignOrigin
 from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
 from klaviyo_source.summary import failed_segments
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "pipelines" / "klaviyo_pipeline.py"
 PAGE = 100  # the source asks for the largest page of segment profiles
 
 
@@ -152,30 +148,17 @@ def test_the_script_exits_1_with_one_line_naming_the_other_origin(
     big = largest(account)
     name = account.segments()[big]["name"]
     simulator.inject_fault("relink", origin=elsewhere.origin, path_contains=f"/{big}/profiles")
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("SOURCES__", "DESTINATION__", "RUNTIME__"))
-    }
-    env.update(
-        DLT_DATA_DIR=str(tmp_path / "dlt_home"),
-        DESTINATION__DUCKDB__CREDENTIALS=str(tmp_path / "export.duckdb"),
-        SOURCES__KLAVIYO__API_KEY=simulator.api_key,
-        SOURCES__KLAVIYO__BASE_URL=simulator.base_url,
+    env = script_env(
+        tmp_path,
+        simulator.base_url,
+        simulator.api_key,
         SOURCES__KLAVIYO__RATE_LIMIT_TIME_SCALE="1000",
     )
 
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quiet"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_script(env, "--quiet")
 
     assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = stderr_lines(result)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: 1 segment(s) failed")
     assert f"segment {big} ({name})" in lines[0] and elsewhere.origin in lines[0]

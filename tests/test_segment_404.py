@@ -7,21 +7,17 @@ gone, its held memberships end as `segment_deleted` and its cursor and reconcili
 dropped. Both faults hit the second page of a walk of several pages.
 """
 
-import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, Set
 
 import dlt
 from expected import loaded_memberships, query, true_memberships
+from script_runs import run_script, script_env, stderr_lines
 
 from klaviyo_source.simulator import Account, KlaviyoSimulator
 from klaviyo_source.summary import failed_segments
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "pipelines" / "klaviyo_pipeline.py"
 PAGE = 100  # the source asks for the largest page of segment profiles
 
 
@@ -129,30 +125,17 @@ def test_the_script_exits_1_when_a_segment_that_exists_answers_404_mid_walk(
     segment_id = max(account.memberships().items(), key=lambda item: len(item[1]))[0]
     assert len(account.members(segment_id)) > 2 * PAGE
     simulator.inject_fault("status", status=404, skip=1, path_contains=f"/{segment_id}/profiles")
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("SOURCES__", "DESTINATION__", "RUNTIME__"))
-    }
-    env.update(
-        DLT_DATA_DIR=str(tmp_path / "dlt_home"),
-        DESTINATION__DUCKDB__CREDENTIALS=str(tmp_path / "export.duckdb"),
-        SOURCES__KLAVIYO__API_KEY=simulator.api_key,
-        SOURCES__KLAVIYO__BASE_URL=simulator.base_url,
+    env = script_env(
+        tmp_path,
+        simulator.base_url,
+        simulator.api_key,
         SOURCES__KLAVIYO__RATE_LIMIT_TIME_SCALE="1000",
     )
 
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quiet"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_script(env, "--quiet")
 
     assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = stderr_lines(result)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: 1 segment(s) failed")
     assert f"segment {segment_id}" in lines[0] and "404" in lines[0]
