@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,7 +32,7 @@ from .filters import (
     matches,
     parse_filter,
 )
-from .paging import Key, decode_cursor, encode_cursor, fingerprint, paginate
+from .paging import Key, Page, decode_cursor, encode_cursor, fingerprint, paginate
 from .profile_listing import PROFILE_SORTS, ProfileIndex
 from .rate_limits import Charge, Decision, RateLimiter, tier_windows
 from .render import (
@@ -422,6 +422,15 @@ class Api:
         }
 
     @staticmethod
+    def _page_cursors(page: Page, fp: str, keys: Sequence[Key]) -> tuple[str | None, str | None]:
+        """The cursors of the pages after and before `page` of `keys`, where there are any."""
+        if not page.indices:
+            return None, None
+        after = encode_cursor("n", fp, keys[page.indices[-1]]) if page.has_next else None
+        before = encode_cursor("p", fp, keys[page.indices[0]]) if page.has_prev else None
+        return after, before
+
+    @staticmethod
     def _cursor(ctx: Ctx, fp: str) -> tuple[str, Key] | None:
         token = ctx.query.get("page[cursor]")
         if token is None:
@@ -515,12 +524,7 @@ class Api:
                         included[tid] = tag_resource(
                             ctx.base, tid, self.account.peek_tags()[tid], fields=tag_tree
                         )
-        next_c = prev_c = None
-        if page.indices:
-            if page.has_next:
-                next_c = encode_cursor("n", fp, keys[page.indices[-1]])
-            if page.has_prev:
-                prev_c = encode_cursor("p", fp, keys[page.indices[0]])
+        next_c, prev_c = self._page_cursors(page, fp, keys)
         doc: dict[str, Any] = {"data": data}
         if include:
             doc["included"] = list(included.values())
@@ -630,12 +634,7 @@ class Api:
         self._segment_record(sid)
         view = self._member_view(sid, sort is not None, conditions, filter_text)
         page = paginate(view.keys, size, desc, cursor)
-        next_c = prev_c = None
-        if page.indices:
-            if page.has_next:
-                next_c = encode_cursor("n", fp, view.keys[page.indices[-1]])
-            if page.has_prev:
-                prev_c = encode_cursor("p", fp, view.keys[page.indices[0]])
+        next_c, prev_c = self._page_cursors(page, fp, view.keys)
         return view, page.indices, next_c, prev_c
 
     def get_segment_profiles(self, ctx: Ctx) -> Response:
@@ -742,12 +741,7 @@ class Api:
         doc: dict[str, Any] = {"data": data}
         if include:
             doc["included"] = [tag_group_resource(ctx.base, fields=group_tree)] if data else []
-        next_c = prev_c = None
-        if page.indices:
-            if page.has_next:
-                next_c = encode_cursor("n", fp, keys[page.indices[-1]])
-            if page.has_prev:
-                prev_c = encode_cursor("p", fp, keys[page.indices[0]])
+        next_c, prev_c = self._page_cursors(page, fp, keys)
         doc["links"] = self._page_links(ctx, next_c, prev_c)
         return self._ok(dumps(doc))
 
@@ -914,11 +908,6 @@ class Api:
             keys = self.profile_index.keys(account, sort or "id", conditions, filter_text)
             page = paginate(keys, size, desc, cursor)
             parts = [self.profiles.row_parts(account, keys[i][1], variant)[0] for i in page.indices]
-        next_c = prev_c = None
-        if page.indices:
-            if page.has_next:
-                next_c = encode_cursor("n", fp, keys[page.indices[-1]])
-            if page.has_prev:
-                prev_c = encode_cursor("p", fp, keys[page.indices[0]])
+        next_c, prev_c = self._page_cursors(page, fp, keys)
         links = dumps(self._page_links(ctx, next_c, prev_c))
         return self._ok(b'{"data":[' + b",".join(parts) + b'],"links":' + links + b"}")
