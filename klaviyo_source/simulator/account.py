@@ -293,7 +293,7 @@ class Account:
                 attrs.get("predictive_analytics") or default_predictive_analytics()
             )
             self._profiles[pid] = profile
-            self._profile_rev[pid] = 0
+            self._profile_rev[pid] = self._profile_rev.get(pid, -1) + 1
             self._push_tokens[pid] = list(attrs.get("push_tokens") or [])
             self._bump()
             return str(pid)
@@ -320,6 +320,21 @@ class Account:
             # Klaviyo stamps every change of a profile; a profile is never without `updated`.
             if attrs.get("updated") is None:
                 profile["updated"] = self.now()
+            self._profile_rev[profile_id] += 1
+            self._bump()
+
+    def delete_profile(self, profile_id: str) -> None:
+        """Delete a profile as Klaviyo's data-privacy deletion does: it leaves every segment
+        (leaves in the change log; no tombstone anywhere) and no endpoint lists it again."""
+        with self.lock:
+            self._require_profile(profile_id)
+            now = self.now()
+            for segment_id, members in self._members.items():
+                if members.pop(profile_id, None) is not None:
+                    self._changes.append(MembershipChange(now, "leave", segment_id, profile_id))
+            del self._profiles[profile_id]
+            del self._push_tokens[profile_id]
+            # The revision stays: rendering caches keyed on it never serve the deleted profile.
             self._profile_rev[profile_id] += 1
             self._bump()
 
