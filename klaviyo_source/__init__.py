@@ -4,11 +4,12 @@ Tables: `segments` (merge on id, `deleted_at` once Klaviyo no longer has it), `t
 `segment_tags` (current links), `segment_memberships` (one row per segment and profile, merged
 on `membership_id`) and `profiles` (merged on id). Memberships load incrementally on
 `joined_group_at` with one cursor per segment in dlt state, at
-`sources.klaviyo.resources.segment_memberships.joined_group_at.<segment id>`.
+`sources.klaviyo.resources.segment_memberships.joined_group_at.<segment id>`; `profile_refresh`
+keeps the held profiles current from a cursor on their `updated`.
 """
 
 from datetime import datetime, timezone
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import dlt
 from dlt.extract import DltResource
@@ -18,6 +19,7 @@ from .client import KlaviyoClient
 from .errors import KlaviyoConfigError
 from .filters import segment_selection
 from .memberships import MembershipOptions, sync_listed_segment
+from .profile_refresh import profile_lookback, refresh_profiles
 from .rate_limits import RateLimiter
 from .rows import (
     SEGMENT_COLUMNS,
@@ -29,7 +31,7 @@ from .rows import (
     segment_tag_ids,
     tag_row,
 )
-from .run import start_run
+from .run import RunStart
 from .segment_listing import ListedSegment, list_segments
 from .walk_tables import declare_walk_tables
 
@@ -50,6 +52,7 @@ def klaviyo(
     include_profiles: bool = True,
     profile_additional_fields: Optional[List[str]] = None,
     lookback_minutes: float = settings.DEFAULT_LOOKBACK.total_seconds() / 60,
+    profile_lookback_minutes: float = settings.DEFAULT_PROFILE_LOOKBACK.total_seconds() / 60,
     reconcile: str = settings.DEFAULT_RECONCILE,
     full_reconcile_every_hours: Optional[float] = (
         settings.DEFAULT_FULL_RECONCILE_EVERY.total_seconds() / 3600
@@ -68,6 +71,7 @@ def klaviyo(
         include_profiles: False loads memberships only (`fields[profile]=joined_group_at`).
         profile_additional_fields: Any of "subscriptions", "predictive_analytics" (stricter limits).
         lookback_minutes: How far behind each segment's cursor a run looks again for late joins.
+        profile_lookback_minutes: How far behind its cursor the profile refresh lists again.
         reconcile: How leaves are found: "counts" (walk segments whose profile_count differs
             from the members held), "all" (walk every segment now), "off".
         full_reconcile_every_hours: Walk each segment in full at least this often; None: never.
@@ -90,14 +94,15 @@ def klaviyo(
     client = KlaviyoClient(
         api_key, base_url, revision, rate_limiter=limiter, allow_insecure_http=allow_insecure_http
     )
+    refresh_lookback = profile_lookback(profile_lookback_minutes)
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
-    started = datetime.now(timezone.utc)
+    run_start = RunStart(datetime.now(timezone.utc), WALKING_RESOURCE)
 
     @dlt.resource(name="segment_listing", selected=False)
     def segment_listing() -> Iterator[ListedSegment]:
         # Run setup, in the pipeline's thread before any segment is walked: everything the
         # parallel walks need from dlt is read here, once, and travels with each segment.
-        run = start_run(started, WALKING_RESOURCE)
+        run = run_start()
         yield from list_segments(client, selection, segment_ids or [], run)
 
     @dlt.transformer(
@@ -138,4 +143,14 @@ def klaviyo(
     def segment_memberships(listed: ListedSegment) -> Iterator[object]:
         yield from sync_listed_segment(client, listed, options)
 
-    return segments, tags, segment_tags, declare_walk_tables(segment_memberships)
+    # Keeps the held profiles current; shares the run with the walks (see profile_refresh).
+    @dlt.resource(name=settings.PROFILE_REFRESH_RESOURCE)
+    def profile_refresh() -> Iterator[Any]:
+        yield from refresh_profiles(
+            client, run_start, refresh_lookback, options.additional_fields()
+        )
+
+    walks = declare_walk_tables(segment_memberships)
+    if not options.include_profiles:
+        return segments, tags, segment_tags, walks
+    return segments, tags, segment_tags, walks, profile_refresh

@@ -5,7 +5,7 @@ Values are quoted the way Klaviyo's filter grammar wants them: strings in double
 """
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import List, Optional, Sequence, Tuple
 
 
@@ -25,6 +25,19 @@ def filter_datetime(value: datetime) -> str:
 
 def joined_after(since: datetime) -> str:
     return f"greater-than(joined_group_at,{filter_datetime(since)})"
+
+
+def updated_since(since: datetime) -> str:
+    """Profiles updated at `since` or later.
+
+    `greater-than` is strict and filters take whole seconds: a bound one second before the
+    rounded-down `since` keeps a profile updated at exactly `since`, even a whole second.
+    """
+    return f"greater-than(updated,{filter_datetime(since - timedelta(seconds=1))})"
+
+
+def any_id(ids: Sequence[str]) -> str:
+    return f"any(id,[{','.join(quoted(value) for value in ids)}])"
 
 
 def all_of(expressions: Sequence[str]) -> Optional[str]:

@@ -15,12 +15,21 @@ MEDIA_TYPE: Final = "application/vnd.api+json"
 SEGMENT_PROFILES_PAGE_SIZE: Final = 100
 # Largest page of GET /api/profiles (its default is 20).
 PROFILES_PAGE_SIZE: Final = 100
+# Profile ids one `any(id,[...])` filter names: one page answers it whole. Klaviyo documents
+# no longer limit for the list; a page's worth keeps each request's URL a few KB.
+PROFILE_IDS_PER_REQUEST: Final = 100
 
 # A late-visible join (one whose joined_group_at is older than the newest join already
 # seen) is caught when it lies within this window behind a segment's cursor. One hour covers
 # Klaviyo's asynchronous membership evaluation of a live segment while keeping a no-change
 # run at one request per segment; anything older is caught by reconciliation.
 DEFAULT_LOOKBACK: Final = timedelta(hours=1)
+
+# The profile refresh re-reads this far behind its cursor (the previous run's start). It
+# covers the time a Klaviyo profile edit takes to become visible to the `updated` filter and a
+# difference between this machine's clock and Klaviyo's; what it re-reads unchanged is not
+# loaded again, but costs one page per 100 profiles edited in the window.
+DEFAULT_PROFILE_LOOKBACK: Final = timedelta(minutes=10)
 
 # Rows a segment walk gathers before handing a table of them to dlt. dlt spends a fixed cost
 # on every Arrow table it receives (schema inference and validation, a parquet row group), so
@@ -73,6 +82,13 @@ RATE_TIERS: Final[Dict[str, Tuple[int, int]]] = {
 CURSORS_STATE_KEY: Final = "joined_group_at"
 RECONCILED_STATE_KEY: Final = "reconciled_at"
 FAILURES_STATE_KEY: Final = "failed_segments"
+# The profile refresh's cursor, in its resource's state; and its key among the run's failures
+# (segment ids are alphanumeric, so it names no segment).
+PROFILES_CURSOR_STATE_KEY: Final = "updated"
+PROFILE_REFRESH_FAILURE: Final = "profile_refresh"
+
+# The resource that keeps held profiles current.
+PROFILE_REFRESH_RESOURCE: Final = "profile_refresh"
 
 # Table names, shared by the resources and the reader of what the destination holds.
 SEGMENTS_TABLE: Final = "segments"
