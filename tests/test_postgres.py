@@ -128,7 +128,8 @@ def _settled_by_size(account: Account) -> List[str]:
 
 
 def change_between_runs(account: Account) -> Changes:
-    """Joins (one late-visible), a re-join, a new segment, leaves and a deleted segment."""
+    """Joins (one late-visible), a re-join, a new segment, leaves, profile edits and a deleted
+    segment."""
     settled = _settled_by_size(account)
     assert len(settled) >= 3, "the scenario needs three settled segments with members"
     big, mid, small = settled[0], settled[1], settled[-1]
@@ -159,6 +160,13 @@ def change_between_runs(account: Account) -> Changes:
         joined = changes.now - timedelta(days=3)
         account.join(changes.created, profile_id, at=joined)
         changes.joins[(changes.created, profile_id)] = joined
+
+    # Members no walk lists (their memberships stay as they are): only the profile refresh
+    # brings their edits.
+    listed = {profile_id for _, profile_id in changes.joins} | {rejoiner}
+    quiet = [pid for pid in sorted(account.members(mid)) if pid not in listed]
+    for n, profile_id in enumerate(quiet[:3]):
+        account.update_profile(profile_id, email=f"edited.{n}@example.com", properties={"n": n})
 
     changes.deleted = doomed
     changes.deleted_name = account.segments()[doomed]["name"]
