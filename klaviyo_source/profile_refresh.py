@@ -33,6 +33,11 @@ has keep a row with `deleted_at` (when this pipeline found them gone) and every 
 emptied, because the deletion was most likely a request to erase them. Those that exist keep
 their rows, brought up to date.
 
+Not seen: what Klaviyo changes without moving `updated` (its predictive analytics may be
+such), until a walk lists the profile again; a profile deleted after its memberships ended,
+since it is asked for once, when they end; a deleted profile whose leaves no reconciliation
+has found yet (`reconcile = "off"` waits for the scheduled full walk).
+
 One row per profile in a load: the walks write profile rows too, in parallel. Each writer
 claims a profile in the run's `MembersThisRun` before writing its row (one lock), and whoever
 comes second writes none. Both fetched the profile after the run started, so either row holds
