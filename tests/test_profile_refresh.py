@@ -263,3 +263,17 @@ def test_a_refresh_failing_beyond_its_retries_fails_the_run_and_keeps_its_cursor
     assert failed_segments(pipeline) == {}
     assert_profiles_are_current(pipeline, account)
     assert _cursor(pipeline) > cursor
+
+
+def test_the_refresh_alone_starts_the_run_and_keeps_profiles_current(
+    account: Account, simulator: KlaviyoSimulator, source_for: Callable, make_pipeline: Callable
+) -> None:
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    _edit(account, sorted(member_ids(account))[::5], "alone")
+    simulator.request_log.clear()
+
+    pipeline.run(source_for().with_resources(settings.PROFILE_REFRESH_RESOURCE))
+
+    assert {r.operation for r in simulator.request_log} == {"get_profiles"}
+    assert_profiles_are_current(pipeline, account)
