@@ -223,14 +223,14 @@ class HeldData:
                 held[profile_id] = HeldProfile(updated, deleted_at is not None)
         return held
 
-    def live_profile_ids(self) -> List[str]:
-        """Every held profile not found deleted."""
-        sql = f"SELECT id FROM {{table}} WHERE {self._deleted_column()} IS NULL"
-        ids: List[str] = []
-        with self._fetching(settings.PROFILES_TABLE, ("id",), sql) as cursor:
-            while cursor is not None and (chunk := cursor.fetchmany(FETCH_ROWS)):
-                ids.extend(profile_id for (profile_id,) in chunk)
-        return ids
+    def live_profile_ids(self, after: str, limit: int) -> List[str]:
+        """Up to `limit` held profiles not found deleted, the next by id after `after`."""
+        sql = (
+            f"SELECT id FROM {{table}} WHERE {self._deleted_column()} IS NULL AND id > %s "
+            f"ORDER BY id LIMIT {int(limit)}"
+        )
+        rows = self._fetch(settings.PROFILES_TABLE, ("id",), sql, after)
+        return [profile_id for (profile_id,) in rows]
 
     def profiles_that_left(self, since: datetime) -> List[str]:
         """Profiles none of whose held memberships is current, the last ended at `since` or

@@ -75,6 +75,10 @@ from .walk_tables import WalkBatch, declare_walk_tables, quiet_json_column_notic
 
 logger = logging.getLogger(__name__)
 
+# Held profile ids read from the destination at a time while catching up: the memory it takes
+# stays flat however many profiles are held.
+HELD_IDS_AT_A_TIME = 10_000
+
 # A destination may keep times to the millisecond only: a time read back is compared with a
 # second to spare, well short of the time between two runs.
 STORED_TIME_SLACK = timedelta(seconds=1)
@@ -120,7 +124,7 @@ class ProfileRefresh:
         """The rows to load; a failure is recorded in `failure`, not raised."""
         try:
             if self.cursor is None:
-                yield from self._by_id(self.run.held.live_profile_ids())
+                yield from self._catch_up()
             else:
                 yield from self._updated_since(self.cursor - self.lookback)
                 # Leaves the previous run recorded are stamped with its start, the cursor.
@@ -149,6 +153,13 @@ class ProfileRefresh:
     def _updated_since(self, since: datetime) -> Iterator[Any]:
         for resources in self._pages(updated_since(since), sort="updated"):
             yield from self._reloaded(resources)
+
+    def _catch_up(self) -> Iterator[Any]:
+        """Every held profile by id, a chunk of ids at a time."""
+        after = ""
+        while ids := self.run.held.live_profile_ids(after, HELD_IDS_AT_A_TIME):
+            yield from self._by_id(ids)
+            after = ids[-1]
 
     def _by_id(self, profile_ids: Sequence[str]) -> Iterator[Any]:
         """The current rows of these held profiles; those Klaviyo no longer has, deleted."""

@@ -12,7 +12,7 @@ from dlt.pipeline.helpers import pipeline_drop
 from expected import loaded_profiles, member_ids, query, true_profiles
 from scenarios import assert_profiles_are_current
 
-from klaviyo_source import settings
+from klaviyo_source import profile_refresh, settings
 from klaviyo_source.export import ExportFailed, KlaviyoExport
 from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
 from klaviyo_source.summary import failed_segments
@@ -191,9 +191,12 @@ def test_a_destination_without_a_refresh_cursor_catches_up_by_id(
     simulator: KlaviyoSimulator,
     source_for: Callable,
     make_pipeline: Callable,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A pipeline that loaded profiles before the refresh existed (or whose refresh cursor
     was dropped) may hold stale rows: each held profile is fetched once, by id."""
+    # Held ids are read a page's worth at a time here, so that they take several reads.
+    monkeypatch.setattr(profile_refresh, "HELD_IDS_AT_A_TIME", PAGE)
     pipeline = make_pipeline()
     pipeline.run(source_for())
     pipeline_drop(
