@@ -1,10 +1,11 @@
-"""Scenarios shared by the tests and the concurrency soak: an account changed in every way a
-run must notice, and the check that a run recorded each change exactly."""
+"""Scenarios shared by the tests and the concurrency soak: which segments a test changes, an
+account changed in every way a run must notice, and the check that a run recorded each change
+exactly."""
 
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Dict, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import dlt
 from expected import loaded_memberships, query, true_memberships, utc
@@ -12,6 +13,44 @@ from expected import loaded_memberships, query, true_memberships, utc
 from klaviyo_source.simulator import Account
 
 Key = Tuple[str, str]  # (segment id, profile id)
+
+
+def largest_segment(account: Account) -> str:
+    return max(account.memberships().items(), key=lambda item: len(item[1]))[0]
+
+
+def settled_segments(account: Account) -> List[str]:
+    """Segments with members that are not processing (so their leaves are looked for),
+    largest first."""
+    segments = account.segments()
+    return sorted(
+        (
+            segment_id
+            for segment_id, members in account.memberships().items()
+            if members and not segments[segment_id]["is_processing"]
+        ),
+        key=lambda segment_id: (-len(account.members(segment_id)), segment_id),
+    )
+
+
+def roomiest_segments(account: Account, count: int = 1) -> List[str]:
+    """Populated segments with the most profiles not yet in them, roomiest first."""
+    populated = sorted(true_memberships(account).items(), key=lambda item: len(item[1]))
+    assert len(populated) >= count
+    return [segment_id for segment_id, _ in populated[:count]]
+
+
+def join_outsiders(
+    account: Account, segment_id: str, count: int, at: Optional[datetime] = None
+) -> List[str]:
+    """`count` profiles not yet in the segment join it (a moment ago, unless `at`)."""
+    members = account.members(segment_id)
+    outsiders = [pid for pid in account.profiles() if pid not in members][:count]
+    assert len(outsiders) == count, "the segment has too few outsiders for this test"
+    joined = at if at is not None else account.now() - timedelta(seconds=2)
+    for profile_id in outsiders:
+        account.join(segment_id, profile_id, at=joined)
+    return outsiders
 
 
 @dataclass
