@@ -380,6 +380,10 @@ def sync_listed_segment(
     if listed.deleted_at is not None:
         yield from close_segment(listed.id, run.held, listed.deleted_at, run.load_id)
         run.progress.forget(listed.id)
+        logger.info(
+            f"segment {listed.id} ({listed.name}) was deleted: its members are ended "
+            f"[{run.progress.finished(0)}]"
+        )
         return
     cursor = run.progress.cursor(listed.id)
     if cursor is not None and listed.held_count == 0 and run.held.available:
@@ -415,26 +419,29 @@ def sync_listed_segment(
                 "walk failed, and the next run reads it again from its cursor."
             )
             run.progress.failed(listed.id, reason)
-            logger.error(reason)
+            logger.error(f"{reason} [{run.progress.finished(0)}]")
             return
-        logger.warning(f"segment {listed.id} was deleted during its walk: its members are ended")
         closed_at = datetime.now(timezone.utc)
         yield from close_segment(listed.id, run.held, closed_at, run.load_id, run.members)
         run.progress.forget(listed.id)
+        logger.warning(
+            f"segment {listed.id} was deleted during its walk: its members are ended "
+            f"[{run.progress.finished(0)}]"
+        )
         return
     except (KlaviyoAPIError, RequestException) as error:
         # Keep the other segments' progress, and the pages this one fetched; it keeps its old
         # cursor and is fetched again from there by the next run.
         reason = f"segment {listed.id} ({listed.name}): {error}"
         run.progress.failed(listed.id, reason)
-        logger.error(reason)
+        logger.error(f"{reason} [{run.progress.finished(0)}]")
         yield from sync.gathered()
         return
     moved = next_cursor(
         sync.cursor, sync.stats.newest, datetime.now(timezone.utc), sync.cursor_limit
     )
     run.progress.walked(listed.id, moved, run.started if sync.walked_in_full else None)
-    log_sync(listed.id, listed.name, sync.stats)
+    log_sync(listed.id, listed.name, sync.stats, run.progress.finished(sync.stats.loaded))
 
 
 def _deleted_in_klaviyo(client: KlaviyoClient, segment_id: str) -> bool:
@@ -452,9 +459,9 @@ def _deleted_in_klaviyo(client: KlaviyoClient, segment_id: str) -> bool:
     return False
 
 
-def log_sync(segment_id: str, name: Optional[str], stats: SyncStats) -> None:
+def log_sync(segment_id: str, name: Optional[str], stats: SyncStats, tally: str) -> None:
     reconciled = f", reconciled: {stats.left} left" if stats.reconciled else ""
     logger.info(
         f"segment {segment_id} ({name or '?'}): {stats.loaded} rows loaded, {stats.joined} joined"
-        f"{reconciled}; {stats.fetched} fetched in {stats.requests} requests"
+        f"{reconciled}; {stats.fetched} fetched in {stats.requests} requests [{tally}]"
     )

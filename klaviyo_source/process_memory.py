@@ -1,18 +1,16 @@
 """How the process running an export manages its memory while the export runs.
 
-Three settings, all for the duration of a run only, measured on the benchmark's exports:
+Three settings, all for the duration of a run only (their measured effect is in
+docs/performance.md, "Process memory"):
 
 - Python's cycle collector leaves alone the objects that existed before the run. Every full
-  collection otherwise scanned everything the imports of dlt, pyarrow and DuckDB had created,
-  again and again as the export's short-lived objects came and went: at 300k memberships with
-  profiles, 37 full collections took 2.1 s of a 16 s export. With those objects frozen they
-  took 0.5 s, and the export ran at 22,600 memberships/s instead of 18,400. The rows an export
-  builds hold no reference cycles, so nothing collectable is missed.
+  collection otherwise scans everything the imports of dlt, pyarrow and DuckDB created, again
+  and again as the export's short-lived objects come and go. The rows an export builds hold
+  no reference cycles, so nothing collectable is missed.
 - glibc keeps memory that threads freed in its arenas for later, and gives it back only when
   asked. An export frees a great deal as it goes (every page's JSON, every Arrow table once
   written), so without asking its resident size ratchets up and DuckDB's load then comes on
-  top: at 1M memberships, 277 MB after the extract fell to 227 MB once asked. Asking costs
-  about 5 ms a second. Where the C library has no `malloc_trim` (macOS, musl) nothing is done.
+  top. Where the C library has no `malloc_trim` (macOS, musl) nothing is done.
 - Arrow allocates through the system allocator rather than its default (mimalloc or jemalloc),
   which keeps what it frees for later: with the system's, what a run frees is given back, and
   a long export's memory stays flat. A pool chosen with ARROW_DEFAULT_MEMORY_POOL is kept.
@@ -34,7 +32,7 @@ TRIM_EVERY_SECONDS = 1.0
 @contextlib.contextmanager
 def managed_for_an_export(trim_every: float = TRIM_EVERY_SECONDS) -> Iterator[None]:
     """All three settings while the block runs: wrap `pipeline.run` in this."""
-    with sparing_the_collector(), returning_freed_memory(trim_every), arrow_system_allocator():
+    with startup_objects_frozen(), returning_freed_memory(trim_every), arrow_system_allocator():
         yield
 
 
@@ -56,7 +54,7 @@ def arrow_system_allocator() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sparing_the_collector() -> Iterator[None]:
+def startup_objects_frozen() -> Iterator[None]:
     """While the block runs, the cycle collector skips every object that existed before it.
 
     A host that froze objects of its own (before forking workers, say) keeps them frozen:

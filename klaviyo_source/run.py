@@ -50,6 +50,24 @@ class SegmentProgress:
         self._failures: Dict[str, str] = {}
         source_state[settings.FAILURES_STATE_KEY] = self._failures
         self._lock = threading.Lock()
+        self._expected = 0
+        self._done = 0
+        self._rows_loaded = 0
+
+    def expect(self, segments: int) -> None:
+        """Count segments the listing handed on to be walked or closed."""
+        with self._lock:
+            self._expected += segments
+
+    def finished(self, rows_loaded: int) -> str:
+        """Count a segment done (well or not) and say how far the run is, for its log line."""
+        with self._lock:
+            self._done += 1
+            self._rows_loaded += rows_loaded
+            return (
+                f"{self._done} of {self._expected} segments done, "
+                f"{self._rows_loaded:,} membership rows loaded"
+            )
 
     def cursor(self, segment_id: str) -> Optional[datetime]:
         """The newest join loaded for a segment, if it was ever walked."""

@@ -89,12 +89,14 @@ def list_segments(
     unlisted_names = [name for name in selection.names if name not in listed_names]
     if unknown_ids or unlisted_names:
         _fail_on_unknown(client, unknown_ids, unlisted_names)
+    run.progress.expect(len(live))
     yield from live
     for segment_id, held_row in held_live.items():
         if segment_id in listed:
             continue
         resource = _current(client, segment_id)
         if resource is None:
+            run.progress.expect(1)
             yield ListedSegment(id=segment_id, run=run, held_row=held_row, deleted_at=run.started)
         else:
             # Still in Klaviyo but no longer selected (made inactive, renamed out of a name

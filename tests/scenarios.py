@@ -1,10 +1,11 @@
-"""Scenarios shared by the tests and the concurrency soak: an account changed in every way a
-run must notice, and the check that a run recorded each change exactly."""
+"""Scenarios shared by the tests and the concurrency soak: which segments a test changes, an
+account changed in every way a run must notice, and the check that a run recorded each change
+exactly."""
 
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Dict, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import dlt
 from expected import (
@@ -22,6 +23,44 @@ from klaviyo_source.simulator import Account
 Key = Tuple[str, str]  # (segment id, profile id)
 
 
+def largest_segment(account: Account) -> str:
+    return max(account.memberships().items(), key=lambda item: len(item[1]))[0]
+
+
+def settled_segments(account: Account) -> List[str]:
+    """Segments with members that are not processing (so their leaves are looked for),
+    largest first."""
+    segments = account.segments()
+    return sorted(
+        (
+            segment_id
+            for segment_id, members in account.memberships().items()
+            if members and not segments[segment_id]["is_processing"]
+        ),
+        key=lambda segment_id: (-len(account.members(segment_id)), segment_id),
+    )
+
+
+def roomiest_segments(account: Account, count: int = 1) -> List[str]:
+    """Populated segments with the most profiles not yet in them, roomiest first."""
+    populated = sorted(true_memberships(account).items(), key=lambda item: len(item[1]))
+    assert len(populated) >= count
+    return [segment_id for segment_id, _ in populated[:count]]
+
+
+def join_outsiders(
+    account: Account, segment_id: str, count: int, at: Optional[datetime] = None
+) -> List[str]:
+    """`count` profiles not yet in the segment join it (a moment ago, unless `at`)."""
+    members = account.members(segment_id)
+    outsiders = [pid for pid in account.profiles() if pid not in members][:count]
+    assert len(outsiders) == count, "the segment has too few outsiders for this test"
+    joined = at if at is not None else account.now() - timedelta(seconds=2)
+    for profile_id in outsiders:
+        account.join(segment_id, profile_id, at=joined)
+    return outsiders
+
+
 @dataclass
 class Changes:
     """What changed in the account between two runs, to check the next run against."""
@@ -30,7 +69,6 @@ class Changes:
     rejoined: Set[Key]
     deleted_segment: str
     deleted_members: Set[str]
-    edited: Set[str]
 
 
 def first_seen_at(pipeline: dlt.Pipeline) -> Dict[Key, datetime]:
@@ -74,13 +112,13 @@ def change_account(account: Account, rng: random.Random, delete: bool) -> Change
                 account.join(segment_id, profile_id, at=joined_at)
                 joined.add(profile_id)
     rejoining = {profile_id for _, profile_id in rejoined}
-    edited = edit_profiles(account, rng, rejoining, rejoining | joined)
-    return Changes(left, rejoined, deleted, deleted_members, edited)
+    edit_profiles(account, rng, rejoining, rejoining | joined)
+    return Changes(left, rejoined, deleted, deleted_members)
 
 
 def edit_profiles(
     account: Account, rng: random.Random, rejoining: Set[str], listed: Set[str]
-) -> Set[str]:
+) -> None:
     """Edit held profiles that re-join (the next run's walks list them too: a walk or the
     refresh writes the row, whichever comes first), members no walk lists (`listed` are
     those a walk does; only the refresh sees the others) and profiles in no segment (kept out
@@ -100,7 +138,6 @@ def edit_profiles(
             location={"city": f"City {tag}", "latitude": rng.uniform(-60, 60)},
             properties={"edit": tag},
         )
-    return edited
 
 
 def assert_run_was_exact(

@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 import dlt
 import duckdb
 import pytest
-from test_postgres import (
+from scenarios import settled_segments
+from two_runs import (
     ACCOUNT_SEED,
     DATA_TABLES,
     MERGE_KEYS,
@@ -223,16 +224,6 @@ def test_second_run_to_parquet_follows_every_change(
     assert_views_match_truth(reader, account, deleted=changes.deleted)
 
 
-def _settled_segments(account: Account) -> List[str]:
-    """Segments with members that are not processing (and so are walked for leaves)."""
-    segments = account.segments()
-    return sorted(
-        sid
-        for sid, members in account.memberships().items()
-        if members and not segments[sid]["is_processing"]
-    )
-
-
 def _change_members(account: Account, segments: Sequence[str], joined: datetime) -> None:
     """A join, a leave and a re-join, each in a segment of its own."""
     joins, leaves, rejoins = segments
@@ -248,7 +239,7 @@ def test_three_runs_to_parquet_count_each_key_once_in_summary_and_views(
     parquet_pipeline: Tuple[dlt.Pipeline, ParquetReadback],
 ) -> None:
     pipeline, reader = parquet_pipeline
-    settled = _settled_segments(account)
+    settled = sorted(settled_segments(account))  # by id: the first has room for a join
     assert len(settled) >= 3, "the changes need three settled segments with members"
     now = datetime.now(timezone.utc).replace(microsecond=0)
 

@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Tuple
 import dlt
 import pytest
 from expected import loaded_memberships, query, true_memberships, utc
+from scenarios import settled_segments
 
 from klaviyo_source import held, memberships
 from klaviyo_source.simulator import Account, KlaviyoSimulator
@@ -18,19 +19,6 @@ Leaves = Dict[Tuple[str, str], datetime]
 def _leave(account: Account, segment_id: str, profile_id: str, leaves: Leaves) -> None:
     account.leave(segment_id, profile_id)
     leaves[(segment_id, profile_id)] = datetime.now(timezone.utc)
-
-
-def _settled_segments(account: Account) -> List[str]:
-    """Segments with members that are not processing, largest first."""
-    segments = account.segments()
-    return sorted(
-        (
-            sid
-            for sid, m in account.memberships().items()
-            if m and not segments[sid]["is_processing"]
-        ),
-        key=lambda sid: -len(account.members(sid)),
-    )
 
 
 def _assert_leaves_within_bounds(pipeline: dlt.Pipeline, leaves: Leaves) -> None:
@@ -63,7 +51,7 @@ def test_a_leave_is_found_and_dated_within_its_bounds(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    segment_id = _settled_segments(account)[0]
+    segment_id = settled_segments(account)[0]
     leaver = next(iter(account.members(segment_id)))
     leaves: Leaves = {}
     _leave(account, segment_id, leaver, leaves)
@@ -88,7 +76,7 @@ def test_count_guided_run_walks_only_segments_whose_counts_differ(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    changed = _settled_segments(account)[1]
+    changed = settled_segments(account)[1]
     leaves: Leaves = {}
     for profile_id in list(account.members(changed))[:3]:
         _leave(account, changed, profile_id, leaves)
@@ -111,7 +99,7 @@ def test_many_leaves_in_the_largest_segment(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    big = _settled_segments(account)[0]
+    big = settled_segments(account)[0]
     leaves: Leaves = {}
     for profile_id in list(account.members(big))[::3]:
         _leave(account, big, profile_id, leaves)
@@ -135,7 +123,7 @@ def test_held_members_are_read_in_chunks_and_every_leave_and_closure_is_ended(
     monkeypatch.setattr(memberships, "ENDED_AT_A_TIME", 50)
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    big, doomed = _settled_segments(account)[:2]
+    big, doomed = settled_segments(account)[:2]
     leaves: Leaves = {}
     for profile_id in list(account.members(big))[::3]:
         _leave(account, big, profile_id, leaves)
@@ -160,7 +148,7 @@ def test_leave_then_rejoin_opens_a_new_period(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    segment_id = _settled_segments(account)[0]
+    segment_id = settled_segments(account)[0]
     profile_id = next(iter(account.members(segment_id)))
     leaves: Leaves = {}
     _leave(account, segment_id, profile_id, leaves)
@@ -189,7 +177,7 @@ def test_join_leave_join_between_two_runs_closes_the_earlier_period(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    segment_id = _settled_segments(account)[0]
+    segment_id = settled_segments(account)[0]
     profile_id = next(iter(account.members(segment_id)))
     before = datetime.now(timezone.utc)
     account.leave(segment_id, profile_id)
@@ -244,7 +232,7 @@ def _rejoin_once_the_walk_has_started(
 def test_a_member_listed_twice_in_one_walk_is_loaded_once_and_its_rejoin_next_run(
     account: Account, simulator: KlaviyoSimulator, source_for: Callable, make_pipeline: Callable
 ) -> None:
-    segment_id = _settled_segments(account)[0]
+    segment_id = settled_segments(account)[0]
     members = account.members(segment_id)
     assert len(members) > 200, "the walk needs several pages"
     first_listed = min(members, key=lambda profile_id: (members[profile_id], profile_id))
@@ -296,7 +284,7 @@ def test_emptied_segment_ends_every_membership(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    segment_id = _settled_segments(account)[-1]
+    segment_id = settled_segments(account)[-1]
     leaves: Leaves = {}
     for profile_id in list(account.members(segment_id)):
         _leave(account, segment_id, profile_id, leaves)
@@ -317,7 +305,7 @@ def test_deleted_segment_closes_its_history(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    segment_id = _settled_segments(account)[0]
+    segment_id = settled_segments(account)[0]
     members = set(account.members(segment_id))
     account.delete_segment(segment_id)
 
@@ -337,7 +325,7 @@ def test_processing_segment_is_not_marked_until_it_settles(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    segment_id = _settled_segments(account)[0]
+    segment_id = settled_segments(account)[0]
     profile_id = next(iter(account.members(segment_id)))
     account.set_processing(segment_id, True)
     leaves: Leaves = {}
@@ -370,7 +358,7 @@ def test_any_mix_of_changes_ends_equal_to_the_truth(
     profiles = list(account.profiles())
     for _ in range(3):
         now = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=1)
-        for segment_id in _settled_segments(account):
+        for segment_id in settled_segments(account):
             members = list(account.members(segment_id))
             for profile_id in rng.sample(members, min(len(members), rng.randint(0, 6))):
                 _leave(account, segment_id, profile_id, leaves)

@@ -6,7 +6,6 @@ cursor, and the next run without the rewrite loads exactly the simulator's truth
 origin is a real second server on 127.0.0.1 that records whatever reaches it.
 """
 
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
 
@@ -15,6 +14,7 @@ import pytest
 from dlt.pipeline.exceptions import PipelineStepFailed
 from expected import loaded_memberships, true_memberships
 from recording_server import RecordingServer
+from scenarios import join_outsiders, largest_segment, roomiest_segments
 from script_runs import run_script, script_env, stderr_lines
 
 from klaviyo_source import klaviyo
@@ -32,22 +32,9 @@ def elsewhere() -> Iterator[RecordingServer]:
         yield server
 
 
-def largest(account: Account) -> str:
-    return max(account.memberships().items(), key=lambda item: len(item[1]))[0]
-
-
 def cursors(pipeline: dlt.Pipeline) -> Dict[str, str]:
     resources = pipeline.state["sources"]["klaviyo"]["resources"]
     return dict(resources["segment_memberships"]["joined_group_at"])
-
-
-def join_outsiders(account: Account, segment_id: str, count: int) -> None:
-    """`count` profiles not yet in the segment join it, a moment ago."""
-    members = account.members(segment_id)
-    outsiders = [pid for pid in account.profiles() if pid not in members][:count]
-    assert len(outsiders) == count
-    for profile_id in outsiders:
-        account.join(segment_id, profile_id, at=account.now() - timedelta(seconds=2))
 
 
 def test_origins_compare_scheme_host_and_port_with_default_ports_and_any_case() -> None:
@@ -69,7 +56,7 @@ def test_a_next_link_to_another_origin_fails_the_segment_sends_nothing_there_and
     pipeline = make_pipeline()
     pipeline.run(source_for())
     before = cursors(pipeline)
-    roomy = min(true_memberships(account).items(), key=lambda item: len(item[1]))[0]
+    roomy = roomiest_segments(account)[0]
     # More new joins than one page: the incremental pass needs its next link.
     join_outsiders(account, roomy, PAGE + 20)
     simulator.inject_fault("relink", origin=elsewhere.origin, path_contains=f"/{roomy}/profiles")
@@ -97,7 +84,7 @@ def test_a_redirect_to_another_origin_is_refused_by_the_session_and_fails_the_se
     make_pipeline: Callable[..., dlt.Pipeline],
     elsewhere: RecordingServer,
 ) -> None:
-    big = largest(account)
+    big = largest_segment(account)
     simulator.inject_fault("redirect", origin=elsewhere.origin, path_contains=f"/{big}/profiles")
     pipeline = make_pipeline()
 
@@ -145,7 +132,7 @@ def _causes(error: BaseException) -> List[BaseException]:
 def test_the_script_exits_1_with_one_line_naming_the_other_origin(
     account: Account, simulator: KlaviyoSimulator, tmp_path: Path, elsewhere: RecordingServer
 ) -> None:
-    big = largest(account)
+    big = largest_segment(account)
     name = account.segments()[big]["name"]
     simulator.inject_fault("relink", origin=elsewhere.origin, path_contains=f"/{big}/profiles")
     env = script_env(

@@ -1,6 +1,7 @@
 """The pipeline script and dlt's CLI, run as a user runs them: as processes, configured by env."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,14 @@ def test_script_exports_the_account_and_dlt_cli_works_after_it(
     loaded = _members_loaded(tmp_path / "export.duckdb")
     assert loaded == sum(len(members) for members in account.memberships().values())
     assert f"{loaded} memberships" in result.stdout
+    # Each segment's line says how far the run is: segments done of those listed, rows so far.
+    tallies = re.findall(r"\[(\d+) of (\d+) segments done, ([\d,]+) membership rows", result.stdout)
+    segments = len(account.segments())
+    assert [(int(done), int(of)) for done, of, _ in tallies] == [
+        (done, segments) for done in range(1, segments + 1)
+    ]
+    rows_so_far = [int(rows.replace(",", "")) for _, _, rows in tallies]
+    assert rows_so_far == sorted(rows_so_far) and rows_so_far[-1] == loaded
 
     info = _run([str(DLT), "pipeline", "klaviyo_segments", "info"], env)
     assert info.returncode == 0, info.stderr

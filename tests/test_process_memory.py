@@ -3,7 +3,6 @@ skips what existed before it; afterwards both are as they were."""
 
 import gc
 import threading
-import time
 import weakref
 
 from klaviyo_source import process_memory
@@ -17,18 +16,27 @@ def test_freed_memory_is_handed_back_while_the_block_runs_and_the_thread_ends_wi
     monkeypatch,
 ) -> None:
     trims: list = []
+    five_trims = threading.Event()
     real_trim = process_memory._malloc_trim()
     assert real_trim is not None, "this Linux machine's C library is glibc"
-    monkeypatch.setattr(process_memory, "_malloc_trim", lambda: lambda pad: trims.append(pad))
 
-    with process_memory.returning_freed_memory(every=0.01):
+    def fake_trim(pad: int) -> int:
+        trims.append(pad)
+        if len(trims) >= 5:
+            five_trims.set()
+        return 0
+
+    monkeypatch.setattr(process_memory, "_malloc_trim", lambda: fake_trim)
+
+    with process_memory.returning_freed_memory(every=0.001):
         assert len(_trimmers()) == 1
-        time.sleep(0.2)
+        # Trimming goes on, again and again, while the block runs (the wait only bounds a hang).
+        assert five_trims.wait(timeout=60)
     trims_when_done = len(trims)
-    time.sleep(0.05)
 
-    assert trims_when_done >= 5 and set(trims) == {0}
-    assert _trimmers() == [] and len(trims) == trims_when_done
+    # The thread is joined on the way out: once the block is left, no trim ever follows.
+    assert _trimmers() == []
+    assert set(trims) == {0} and len(trims) == trims_when_done
     assert real_trim(0) in (0, 1)  # glibc's own call: 1 if memory was returned
 
 
@@ -47,7 +55,7 @@ def test_objects_from_before_the_block_are_left_alone_by_the_collector_until_it_
     assert gc.get_freeze_count() == 0
     before = ["made before the block"]
     garbage = weakref.ref(_Node())  # a cycle nothing refers to: only the collector frees it
-    with process_memory.sparing_the_collector():
+    with process_memory.startup_objects_frozen():
         assert garbage() is None  # collected, not frozen for the whole run
         during = ["made in the block"]
         assert gc.get_freeze_count() > 1000  # the imports of dlt and pyarrow, among others
@@ -61,7 +69,7 @@ def test_objects_a_host_froze_stay_frozen() -> None:
     gc.freeze()
     try:
         host_frozen = gc.get_freeze_count()
-        with process_memory.sparing_the_collector():
+        with process_memory.startup_objects_frozen():
             assert gc.get_freeze_count() >= host_frozen
         assert gc.get_freeze_count() >= host_frozen > 0
     finally:

@@ -7,12 +7,12 @@ gone, its held memberships end as `segment_deleted` and its cursor and reconcili
 dropped. Both faults hit the second page of a walk of several pages.
 """
 
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, Set
 
 import dlt
 from expected import loaded_memberships, query, true_memberships
+from scenarios import join_outsiders, roomiest_segments
 from script_runs import run_script, script_env, stderr_lines
 
 from klaviyo_source.simulator import Account, KlaviyoSimulator
@@ -24,20 +24,6 @@ PAGE = 100  # the source asks for the largest page of segment profiles
 def memberships_state(pipeline: dlt.Pipeline, key: str) -> Dict[str, str]:
     resources = pipeline.state["sources"]["klaviyo"]["resources"]
     return dict(resources["segment_memberships"].get(key) or {})
-
-
-def roomy_segment(account: Account) -> str:
-    """The populated segment with the most profiles not yet in it."""
-    return min(true_memberships(account).items(), key=lambda item: len(item[1]))[0]
-
-
-def join_outsiders(account: Account, segment_id: str, count: int) -> None:
-    """`count` profiles not yet in the segment join it, a moment ago."""
-    members = account.members(segment_id)
-    outsiders = [pid for pid in account.profiles() if pid not in members][:count]
-    assert len(outsiders) == count
-    for profile_id in outsiders:
-        account.join(segment_id, profile_id, at=account.now() - timedelta(seconds=2))
 
 
 def ended_as_deleted(pipeline: dlt.Pipeline, segment_id: str) -> Set[str]:
@@ -65,7 +51,7 @@ def test_a_404_mid_walk_of_a_segment_that_still_exists_fails_it_and_keeps_its_cu
     pipeline = make_pipeline()
     pipeline.run(source_for())
     before = memberships_state(pipeline, "joined_group_at")
-    segment_id = roomy_segment(account)
+    segment_id = roomiest_segments(account)[0]
     join_outsiders(account, segment_id, 2 * PAGE + 10)
     simulator.inject_fault("status", status=404, skip=1, path_contains=f"/{segment_id}/profiles")
 
@@ -92,7 +78,7 @@ def test_a_segment_deleted_during_its_walk_ends_its_held_members_and_drops_its_c
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    segment_id = roomy_segment(account)
+    segment_id = roomiest_segments(account)[0]
     held_before = set(account.members(segment_id))
     assert segment_id in memberships_state(pipeline, "reconciled_at")
     join_outsiders(account, segment_id, 2 * PAGE + 10)

@@ -21,6 +21,7 @@ from expected import (
     true_segments,
     utc,
 )
+from scenarios import largest_segment
 
 from klaviyo_source import settings
 from klaviyo_source.errors import KlaviyoConfigError
@@ -54,10 +55,6 @@ def _expected_profile_pages(
 def _outsiders(account: Account, segment_id: str, count: int) -> List[str]:
     members = account.members(segment_id)
     return [profile_id for profile_id in account.profiles() if profile_id not in members][:count]
-
-
-def _largest_segment(account: Account) -> str:
-    return max(account.memberships().items(), key=lambda item: len(item[1]))[0]
 
 
 def test_first_run_loads_every_table_as_the_truth(
@@ -101,7 +98,7 @@ def test_a_cursor_over_rows_the_destination_lost_is_not_trusted(
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    big = _largest_segment(account)
+    big = largest_segment(account)
     with pipeline.sql_client() as client:
         # Someone deleted the segment's rows; the pipeline's state still holds its cursor.
         client.execute_sql("DELETE FROM segment_memberships WHERE segment_id = %s", big)
@@ -137,7 +134,7 @@ def test_second_run_fetches_only_new_pages_and_matches_the_truth(
     )
 
     now = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(seconds=5)
-    big = _largest_segment(account)
+    big = largest_segment(account)
     small = min(
         (sid for sid, members in account.memberships().items() if members and sid != big),
         key=lambda sid: len(account.members(sid)),
@@ -396,7 +393,7 @@ def test_walk_tables_are_appended_to_while_empty_and_merged_into_once_they_hold_
     )
     assert not {name for (name,) in staged} & set(_WALK_TABLE_KEYS)
 
-    big = _largest_segment(account)
+    big = largest_segment(account)
     leaver, rejoiner = list(account.members(big))[:2]
     small = min(account.memberships(), key=lambda sid: len(account.members(sid)))
     account.join(small, _outsiders(account, small, 1)[0])

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List
 import dlt
 import pytest
 from expected import query, utc
-from test_postgres import (
+from two_runs import (
     ACCOUNT_SEED,
     SMALL_ACCOUNT,
     VIEWS,

@@ -1,8 +1,9 @@
-"""Tables copied from the bundled OpenAPI specs: scopes, rate-limit tiers and fieldset enums.
+"""Tables taken from Klaviyo's OpenAPI specs: scopes, rate-limit tiers and fieldset enums.
 
-Sources: ``klaviyo-openapi/segments-subset.json`` (2026-07-15) and the 2025-04-15 / 2024-06-15
-``stable.json`` files (``x-klaviyo-scopes``, ``x-klaviyo-ratelimit``, ``fields[...]`` enums).
-Kept as literals so the simulator needs nothing but the standard library at run time.
+Sources: Klaviyo's 2026-07-15 spec (the subset kept in ``tests/simulator/klaviyo_openapi/``,
+which the simulator's tests check these tables against) and its 2025-04-15 / 2024-06-15 specs
+(``x-klaviyo-scopes``, ``x-klaviyo-ratelimit``, ``fields[...]`` enums). Kept as literals so the
+simulator needs nothing but the standard library at run time.
 """
 
 from __future__ import annotations
