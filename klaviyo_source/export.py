@@ -40,6 +40,7 @@ from dlt.extract import DltSource
 from dlt.pipeline.exceptions import PipelineStepFailed
 from dlt.pipeline.helpers import pipeline_drop
 
+from . import settings
 from .errors import KlaviyoError
 from .process_memory import managed_for_an_export
 from .settings import WALK_BATCH_PROFILES
@@ -171,12 +172,22 @@ class KlaviyoExport:
             raise ExportFailed(one_line(error)) from error
         failures = failed_segments(pipeline)
         if failures:
-            raise ExportFailed(
-                f"{len(failures)} segment(s) failed and keep their cursors for the next run: "
-                + "; ".join(failures.values()),
-                report,
-            )
+            raise ExportFailed(failure_line(failures), report)
         return report
+
+
+def failure_line(failures: Dict[str, str]) -> str:
+    """One line for the parts of a run that failed: segments by count, the refresh by name."""
+    segments = [key for key in failures if key != settings.PROFILE_REFRESH_FAILURE]
+    failed = []
+    if segments:
+        failed.append(f"{len(segments)} segment(s)")
+    if settings.PROFILE_REFRESH_FAILURE in failures:
+        failed.append("the profile refresh")
+    return (
+        f"{' and '.join(failed)} failed; the next run reads again from the cursors kept: "
+        + "; ".join(failures.values())
+    )
 
 
 def _is_duckdb(pipeline: dlt.Pipeline) -> bool:
