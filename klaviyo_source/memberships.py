@@ -41,7 +41,7 @@ from .members_this_run import MembersThisRun, Sighting
 from .page_diff import diff_page, ended_membership, worth_a_look
 from .rows import Row, parse_datetime
 from .segment_listing import ListedSegment
-from .walk_tables import WalkBatch
+from .walk_batch import WalkBatch
 
 logger = logging.getLogger(__name__)
 

@@ -60,6 +60,7 @@ from dlt.extract.utils import wrap_parallel_iterator
 from requests.exceptions import RequestException
 
 from . import settings
+from .arrow_tables import quiet_json_column_notices
 from .client import Document, KlaviyoClient, resources_of
 from .errors import (
     KlaviyoAPIError,
@@ -71,7 +72,8 @@ from .filters import any_id, updated_since
 from .held import HeldProfile
 from .rows import deleted_profile_row, parse_datetime, profile_row
 from .run import Run, RunStart
-from .walk_tables import WalkBatch, declare_walk_tables, quiet_json_column_notices
+from .walk_batch import WalkBatch
+from .walk_tables import declare_walk_tables
 
 logger = logging.getLogger(__name__)
 

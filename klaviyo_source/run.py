@@ -31,10 +31,11 @@ from typing import Any, Dict, FrozenSet, Optional
 import dlt
 
 from . import settings
+from .arrow_tables import quiet_json_column_notices
 from .held import HeldData
 from .members_this_run import MembersThisRun
 from .rows import parse_datetime
-from .walk_tables import WALK_TABLES, declare_walk_tables, quiet_json_column_notices
+from .walk_tables import WALK_TABLES, declare_walk_tables
 
 
 class SegmentProgress:
