@@ -71,7 +71,7 @@ REPORT_COLUMNS: TTableSchemaColumns = {
     "members_removed": {"data_type": "bigint"},
     "net_members_changed": {"data_type": "bigint"},
     "total_members": {"data_type": "bigint"},
-    # When this pipeline read the figures: a recent day's may still have changed since.
+    # When the run that read the figures started: a recent day's may have changed since.
     "reported_at": {"data_type": "timestamp"},
     "_dlt_load_id": {"data_type": "text", "nullable": False},
 }

@@ -131,6 +131,7 @@ def test_later_runs_read_the_last_days_again_and_catch_up_with_a_settling_day(
     account.rejoin(churned, returning)
     account.rejoin(churned, rejoiner)
     account.leave(shrunk, sorted(account.members(shrunk))[0])
+    changed = datetime.now(timezone.utc).date()
     held_of_deleted = {k: v for k, v in loaded_reports(pipeline).items() if k[0] == deleted}
     account.delete_segment(deleted)
     simulator.reset_counters()
@@ -142,7 +143,7 @@ def test_later_runs_read_the_last_days_again_and_catch_up_with_a_settling_day(
     lagging = true_reports(account, live, today, simulator.reports.lag)
     loaded = loaded_reports(pipeline)
     assert {k: v for k, v in loaded.items() if k[0] != deleted} == lagging
-    assert loaded[(churned, today)][:2] == (0, 0)
+    assert loaded[(churned, changed)][:2] == (0, 0)
     # One request re-read each live segment's last three days; the deleted one kept its rows.
     assert report_requests(simulator) == [200]
     reread = [
@@ -157,22 +158,20 @@ def test_later_runs_read_the_last_days_again_and_catch_up_with_a_settling_day(
     # Klaviyo has caught up: the next run reads today again and finds them.
     simulator.reports.lag = timedelta(0)
     pipeline.run(source_for())
+    today = last_day(pipeline)
     caught_up = true_reports(account, live, today, timedelta(0))
     loaded = loaded_reports(pipeline)
     assert {k: v for k, v in loaded.items() if k[0] != deleted} == caught_up
-    assert loaded[(churned, today)][:2] == (1, 1)
-    assert loaded[(shrunk, today)][1] == 1
+    assert loaded[(churned, changed)][:2] == (1, 1)
+    assert loaded[(shrunk, changed)][1] == 1
     # Beside this export's own counts: equal from the first export on, unknown before it.
-    view = _view_today(pipeline, today)
-    assert {sid: row for sid, row in view.items() if row[1] is not None} == {
-        **{
-            sid: (len(members), len(members), 0)
-            for sid, members in account.memberships().items()
-            if members
-        },
+    expected = {sid: (len(m), len(m), 0) for sid, m in account.memberships().items() if m}
+    if (deleted, today) in held_of_deleted:
         # Klaviyo's last word on the deleted segment, read before it went; ended here today.
-        deleted: (held_of_deleted[(deleted, today)][3], 0, -held_of_deleted[(deleted, today)][3]),
-    }
+        last_word = held_of_deleted[(deleted, today)][3]
+        expected[deleted] = (last_word, 0, -last_word)
+    view = _view_today(pipeline, today)
+    assert {sid: row for sid, row in view.items() if row[1] is not None} == expected
     earlier = query(
         pipeline,
         f"SELECT COUNT(*) FROM {_VIEW} WHERE day < DATE '{first_today}' AND "
@@ -199,8 +198,9 @@ def _view_today(pipeline: dlt.Pipeline, today: date) -> Dict[str, Tuple[Any, ...
 def test_a_run_that_meets_the_daily_cap_ends_cleanly_and_the_next_day_goes_on(
     account: Account, make_pipeline: Callable, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Every window of time is 600 times shorter (a day lasts 144 s), and Klaviyo allows three
-    # reports a day.
+    # Klaviyo's windows are 600 times shorter (a day lasts 144 s), and it allows three reports
+    # a day. The client keeps to windows a fifth longer, so that no request arriving late
+    # on a busy machine lands in a window already full.
     scale = 600.0
     settings_ = ReportSettings(daily_limit=3)
     with KlaviyoSimulator(account, time_scale=scale, reports=settings_) as simulator:
@@ -209,7 +209,7 @@ def test_a_run_that_meets_the_daily_cap_ends_cleanly_and_the_next_day_goes_on(
         def run() -> None:
             source = dlt_source(
                 simulator,
-                rate_limit_time_scale=scale,
+                rate_limit_time_scale=scale / 1.2,
                 segment_reports_start=str(start),
                 reconcile="off",
             )
@@ -233,6 +233,7 @@ def test_a_run_that_meets_the_daily_cap_ends_cleanly_and_the_next_day_goes_on(
         simulator.reset_rate_limits()  # the next day
         run()
         assert report_requests(simulator)[5:] == [200, 200, 200]  # today's days again, then two
+        today = last_day(pipeline)
         firsts = first_days(account, start)
         assert loaded_reports(pipeline) == true_reports(
             account, firsts, today, simulator.reports.lag
@@ -357,12 +358,8 @@ def test_failed_reports_fail_the_run_in_one_line_and_the_next_run_goes_on(
     assert loaded_reports(pipeline) == true_reports(account, firsts, today, simulator.reports.lag)
 
 
-def test_a_destination_that_lost_the_table_is_filled_again(
-    account: Account,
-    simulator: KlaviyoSimulator,
-    source_for: Callable,
-    make_pipeline: Callable,
-    tmp_path: Any,
+def test_a_destination_that_lost_the_reports_reads_them_anew(
+    account: Account, simulator: KlaviyoSimulator, source_for: Callable, make_pipeline: Callable
 ) -> None:
     start = str(datetime.now(timezone.utc).date() - timedelta(days=59))
     pipeline = make_pipeline()
