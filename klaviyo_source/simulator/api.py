@@ -1,5 +1,6 @@
 """Request handling independent of the socket layer: routing, auth, revision, scopes, rate
-limits, parameter validation and the ten operations, producing status + headers + body.
+limits, parameter validation and every operation, producing status + headers + body (the
+segment reports' bodies are checked and answered in ``segment_reports``).
 
 Checks run in this order: route (404/405), ``Authorization`` (401), ``revision`` (400/404),
 scopes (403), ``Accept`` (406), rate limits (429), request media type (415), parameters and
