@@ -6,6 +6,8 @@ on `membership_id`) and `profiles` (merged on id). Memberships load incrementall
 `joined_group_at` with one cursor per segment in dlt state, at
 `sources.klaviyo.resources.segment_memberships.joined_group_at.<segment id>`; `profile_refresh`
 keeps the held profiles current from a cursor on their `updated`.
+`segment_reports_daily` holds Klaviyo's own daily figures per segment (merged on `report_id`),
+from before the first export on (see `segment_reports`).
 """
 
 from datetime import datetime, timezone
@@ -33,6 +35,13 @@ from .rows import (
 )
 from .run import RunStart
 from .segment_listing import ListedSegment, list_segments
+from .segment_reports import (
+    REPORT_COLUMNS,
+    ReportOptions,
+    SegmentsListed,
+    daily_segment_reports,
+    reports_wanted,
+)
 from .walk_tables import declare_walk_tables
 
 __all__ = ["klaviyo", "KlaviyoClient", "KlaviyoConfigError"]
@@ -57,6 +66,8 @@ def klaviyo(
     full_reconcile_every_hours: Optional[float] = (
         settings.DEFAULT_FULL_RECONCILE_EVERY.total_seconds() / 3600
     ),
+    segment_reports: bool = True,
+    segment_reports_start: Optional[str] = None,
     rate_limit_share: float = 1.0,
     rate_limit_time_scale: float = 1.0,
     allow_insecure_http: bool = False,
@@ -75,6 +86,10 @@ def klaviyo(
         reconcile: How leaves are found: "counts" (walk segments whose profile_count differs
             from the members held), "all" (walk every segment now), "off".
         full_reconcile_every_hours: Walk each segment in full at least this often; None: never.
+        segment_reports: Load Klaviyo's daily segment reports into `segment_reports_daily`
+            (from revision 2024-10-15; 225 requests a day, spent over as many runs as needed).
+        segment_reports_start: First day (YYYY-MM-DD) of those reports; unset: 2023-06-01,
+            the first day Klaviyo has.
         rate_limit_share: Share of the account's published rate limits this source may use.
         rate_limit_time_scale: Speed-up of a simulator's clock; 1 against Klaviyo.
         allow_insecure_http: Accept a plain http base_url on another machine (the key would
@@ -96,14 +111,19 @@ def klaviyo(
     )
     refresh_lookback = profile_lookback(profile_lookback_minutes)
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
-    run_start = RunStart(datetime.now(timezone.utc), WALKING_RESOURCE)
+    report_options = ReportOptions.from_config(selection.filter, segment_reports_start)
+    listed_for_reports = SegmentsListed()
+    started = datetime.now(timezone.utc)
+    run_start = RunStart(started, WALKING_RESOURCE)
 
     @dlt.resource(name="segment_listing", selected=False)
     def segment_listing() -> Iterator[ListedSegment]:
         # Run setup, in the pipeline's thread before any segment is walked: everything the
         # parallel walks need from dlt is read here, once, and travels with each segment.
         run = run_start()
-        yield from list_segments(client, selection, segment_ids or [], run)
+        yield from list_segments(
+            client, selection, segment_ids or [], run, on_listed=listed_for_reports.publish
+        )
 
     @dlt.transformer(
         data_from=segment_listing,
@@ -143,6 +163,17 @@ def klaviyo(
     def segment_memberships(listed: ListedSegment) -> Iterator[object]:
         yield from sync_listed_segment(client, listed, options)
 
+    @dlt.resource(
+        name=settings.SEGMENT_REPORTS_TABLE,
+        write_disposition="merge",
+        primary_key="report_id",
+        columns=REPORT_COLUMNS,
+        selected=reports_wanted(segment_reports, revision),
+    )
+    def segment_reports_daily() -> Iterator[Any]:
+        # Runs in the pipeline's thread, which alone touches its state; requests go to workers.
+        yield from daily_segment_reports(client, report_options, started, listed_for_reports)
+
     # Keeps the held profiles current; shares the run with the walks (see profile_refresh).
     @dlt.resource(name=settings.PROFILE_REFRESH_RESOURCE)
     def profile_refresh() -> Iterator[Any]:
@@ -152,5 +183,5 @@ def klaviyo(
 
     walks = declare_walk_tables(segment_memberships)
     if not options.include_profiles:
-        return segments, tags, segment_tags, walks
-    return segments, tags, segment_tags, walks, profile_refresh
+        return segments, tags, segment_tags, walks, segment_reports_daily
+    return segments, tags, segment_tags, walks, profile_refresh, segment_reports_daily

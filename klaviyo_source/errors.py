@@ -176,6 +176,16 @@ class KlaviyoRateLimited(KlaviyoAPIError):
     )
 
 
+class KlaviyoDailyQuotaSpent(KlaviyoAPIError):
+    """A 429 whose wait outlasts the steady window: the endpoint's daily quota is spent.
+
+    Not a `KlaviyoRateLimited`, which is waited out and retried: this one ends the day's
+    requests to that endpoint at once.
+    """
+
+    hint = "The endpoint's daily quota is spent; a run after it resets goes on from here."
+
+
 class KlaviyoServerError(KlaviyoAPIError):
     hint = "Klaviyo kept failing after all retries; run again later."
 

@@ -43,7 +43,8 @@ from dlt.pipeline.helpers import pipeline_drop
 from . import settings
 from .errors import KlaviyoError
 from .process_memory import managed_for_an_export
-from .settings import WALK_BATCH_PROFILES
+from .segment_reports import failed_segment_reports
+from .settings import SEGMENT_REPORTS_TABLE, WALK_BATCH_PROFILES
 from .summary import failed_segments, membership_summary
 from .views import create_views
 
@@ -146,8 +147,9 @@ class KlaviyoExport:
     def run(self, data: DltSource) -> ExportReport:
         """Export the source once; raise `ExportFailed` (one line) if anything failed.
 
-        A run whose load completed but where some segments failed still refreshes the views;
-        the error then carries the report, and those segments keep their cursors.
+        A run whose load completed but where some segments (or the segment reports) failed
+        still refreshes the views; the error then carries the report, and those segments keep
+        their cursors.
         """
         pipeline = self.pipeline
         file_format = self.loader_file_format or ("parquet" if _is_duckdb(pipeline) else None)
@@ -170,9 +172,15 @@ class KlaviyoExport:
                 report = ExportReport(load_info, membership_summary(pipeline), views)
         except (DltException, KlaviyoError) as error:
             raise ExportFailed(one_line(error)) from error
+        problems = []
         failures = failed_segments(pipeline)
         if failures:
-            raise ExportFailed(failure_line(failures), report)
+            problems.append(failure_line(failures))
+        # A failure stays in state until the reports run again: only this run's counts.
+        if SEGMENT_REPORTS_TABLE in data.selected_resources:
+            problems.extend(filter(None, [failed_segment_reports(pipeline)]))
+        if problems:
+            raise ExportFailed(" ".join(problems), report)
         return report
 
 

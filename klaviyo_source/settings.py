@@ -4,7 +4,7 @@ Everything that is a fact about Klaviyo's API, or a default a user may override 
 `.dlt/config.toml`, lives here and nowhere else.
 """
 
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Dict, Final, Tuple
 
 DEFAULT_BASE_URL: Final = "https://a.klaviyo.com"
@@ -76,7 +76,29 @@ RATE_TIERS: Final[Dict[str, Tuple[int, int]]] = {
     "M": (10, 150),
     "L": (75, 750),
     "XL": (350, 3500),
+    # POST /api/segment-series-reports (and -values-reports), with a daily cap on top.
+    "REPORT": (1, 2),
 }
+REPORTS_PER_DAY: Final = 225
+# Klaviyo's steady window: a 429 asking to wait longer than this is the daily cap speaking.
+STEADY_WINDOW_SECONDS: Final = 60.0
+
+# Klaviyo's segment reports (POST /api/segment-series-reports): the first revision that serves
+# them (the SDKs pinned to 2024-10-15 list them, those of 2024-07-15 do not), the first day
+# Klaviyo has figures for, and what one request may ask for.
+SEGMENT_REPORTS_SINCE: Final = "2024-10-15"
+SEGMENT_REPORTS_FIRST_DAY: Final = date(2023, 6, 1)
+SEGMENT_REPORT_MAX_DAYS: Final = 60
+SEGMENT_REPORT_MAX_SEGMENTS: Final = 100
+SEGMENT_REPORT_STATISTICS: Final[Tuple[str, ...]] = (
+    "members_added",
+    "members_removed",
+    "net_members_changed",
+    "total_members",
+)
+# Days before the newest one loaded that every run reads again: Klaviyo's growth figures trail
+# live membership (hours, at times a day or two), so a recent day's report may still change.
+SEGMENT_REPORTS_SETTLE_DAYS: Final = 3
 
 # State keys, kept stable: renaming one silently restarts every cursor.
 CURSORS_STATE_KEY: Final = "joined_group_at"
@@ -89,6 +111,11 @@ PROFILE_REFRESH_FAILURE: Final = "profile_refresh"
 
 # The resource that keeps held profiles current.
 PROFILE_REFRESH_RESOURCE: Final = "profile_refresh"
+# In the segment_reports_daily resource's state: the days loaded per segment, the times of the
+# report requests sent in the last day, and what stopped this run's reports, if anything.
+REPORT_DAYS_STATE_KEY: Final = "days_loaded"
+REPORT_REQUESTS_STATE_KEY: Final = "requests_sent"
+REPORT_FAILURE_STATE_KEY: Final = "failed"
 
 # Table names, shared by the resources and the reader of what the destination holds.
 SEGMENTS_TABLE: Final = "segments"
@@ -97,3 +124,4 @@ SEGMENT_TAGS_TABLE: Final = "segment_tags"
 MEMBERSHIPS_TABLE: Final = "segment_memberships"
 PERIODS_TABLE: Final = "segment_membership_periods"
 PROFILES_TABLE: Final = "profiles"
+SEGMENT_REPORTS_TABLE: Final = "segment_reports_daily"

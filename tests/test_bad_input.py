@@ -68,6 +68,10 @@ CASES: Dict[str, Case] = {
     "is-active-not-a-bool": Case(
         {"SOURCES__KLAVIYO__IS_ACTIVE": "maybe"}, ["is_active", "not a valid bool"]
     ),
+    "reports-start-not-a-date": Case(
+        {"SOURCES__KLAVIYO__SEGMENT_REPORTS_START": "yesterday"},
+        ["segment_reports_start", "'yesterday'", "YYYY-MM-DD"],
+    ),
     "malformed-revision": Case(
         {"SOURCES__KLAVIYO__REVISION": "2025/04/15"}, ["2025/04/15", "YYYY-MM-DD", "revision"]
     ),

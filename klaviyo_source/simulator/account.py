@@ -354,12 +354,14 @@ class Account:
             self._changes.append(MembershipChange(when, kind, segment_id, profile_id))
             self._bump()
 
-    def leave(self, segment_id: str, profile_id: str) -> None:
-        """Remove a member (no tombstone, as in Klaviyo). Not a member: no-op."""
+    def leave(self, segment_id: str, profile_id: str, at: datetime | None = None) -> None:
+        """Remove a member (no tombstone, as in Klaviyo). Not a member: no-op. ``at`` dates the
+        leave in the past (a generated account's history); it must not precede the join."""
         with self.lock:
             self._segment(segment_id)
             if self._members[segment_id].pop(profile_id, None) is not None:
-                self._changes.append(MembershipChange(self.now(), "leave", segment_id, profile_id))
+                when = self._aware(at, "at") or self.now()
+                self._changes.append(MembershipChange(when, "leave", segment_id, profile_id))
                 self._bump()
 
     def rejoin(self, segment_id: str, profile_id: str, at: datetime | None = None) -> None:

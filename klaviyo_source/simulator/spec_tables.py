@@ -25,6 +25,8 @@ OPERATION_SCOPES: dict[str, tuple[str, ...]] = {
     "update_segment": ("segments:write",),
     "delete_segment": ("segments:write",),
     "get_profiles": ("profiles:read",),
+    "query_segment_series": ("segments:read",),
+    "query_segment_values": ("segments:read",),
 }
 
 # Rate-limit tier names per operation (x-klaviyo-ratelimit). "L" steady depends on the revision.
@@ -40,6 +42,9 @@ OPERATION_TIER: dict[str, str] = {
     "update_segment": "WRITE",
     "delete_segment": "S",
     "get_profiles": "L",
+    # 1/s, 2/m and 225 a day: their windows are segment_reports.ReportSettings.windows().
+    "query_segment_series": "REPORT",
+    "query_segment_values": "REPORT",
 }
 
 SEGMENT_FIELDS: frozenset[str] = frozenset(
