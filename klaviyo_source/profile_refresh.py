@@ -67,6 +67,7 @@ from .errors import (
     KlaviyoAuthenticationError,
     KlaviyoConfigError,
     KlaviyoPermissionError,
+    endpoint_not_served,
 )
 from .filters import any_id, updated_since
 from .held import HeldProfile
@@ -118,6 +119,7 @@ class ProfileRefresh:
     stats: RefreshStats = field(default_factory=RefreshStats)
     # Why the refresh stopped short; None once it read every page it meant to.
     failure: Optional[str] = None
+    not_served: bool = False
 
     def __post_init__(self) -> None:
         self._batch = WalkBatch(self.run.load_id)
@@ -134,13 +136,26 @@ class ProfileRefresh:
                 yield from self._by_id(self.run.held.profiles_that_left(left_since))
         except (KlaviyoAuthenticationError, KlaviyoPermissionError):
             raise  # the key is wrong for every request: stop the run with Klaviyo's reason
-        except (KlaviyoAPIError, RequestException) as error:
-            self.failure = (
-                f"profile refresh: {error} Profiles keep their refresh cursor; the next run "
-                "lists them again from it."
-            )
-            logger.error(self.failure)
+        except KlaviyoAPIError as error:
+            if endpoint_not_served(error):
+                # A proxy or stand-in without the endpoint: there is nothing to refresh from.
+                self.not_served = True
+                logger.warning(
+                    f"profiles are not refreshed: {error} The cursor stays; profiles are "
+                    "still loaded by the segment walks."
+                )
+            else:
+                self._fail(error)
+        except RequestException as error:
+            self._fail(error)
         yield from self._batch.flush()
+
+    def _fail(self, error: Exception) -> None:
+        self.failure = (
+            f"profile refresh: {error} Profiles keep their refresh cursor; the next run "
+            "lists them again from it."
+        )
+        logger.error(self.failure)
 
     def _pages(self, filter: str, sort: Optional[str] = None) -> Iterator[List[Document]]:
         pages = self.client.get_profiles(
@@ -245,6 +260,8 @@ def refresh_profiles(
     # In the pipeline's thread again, after the worker read the last page.
     if refresh.failure is not None:
         run.progress.failed(settings.PROFILE_REFRESH_FAILURE, refresh.failure)
+        return
+    if refresh.not_served:
         return
     state[settings.PROFILES_CURSOR_STATE_KEY] = run.started.isoformat()
     stats = refresh.stats

@@ -53,7 +53,7 @@ from dlt.destinations.exceptions import DatabaseUndefinedRelation
 
 from . import settings
 from .client import KlaviyoClient
-from .errors import KlaviyoAPIError, KlaviyoConfigError, KlaviyoDailyQuotaSpent, KlaviyoNotFound
+from .errors import KlaviyoConfigError, KlaviyoDailyQuotaSpent, endpoint_not_served
 from .filters import quoted
 from .rows import Row, parse_datetime
 from .segment_listing import ListedSegment
@@ -489,7 +489,7 @@ def _read_reports(
             _quota_spent(done, len(requests), rows, "Klaviyo answered 429 for longer than a minute")
             return
         quota.spend(datetime.now(timezone.utc))
-        if _not_served(call.error):
+        if endpoint_not_served(call.error):
             logger.warning(
                 f"{settings.SEGMENT_REPORTS_TABLE} is skipped: Klaviyo does not serve segment "
                 f"reports at revision {client.revision} ({call.error}). Set [sources.klaviyo] "
@@ -505,14 +505,6 @@ def _read_reports(
         f"{settings.SEGMENT_REPORTS_TABLE}: {rows} rows in {len(requests)} requests; every "
         "selected segment's days are loaded up to today"
     )
-
-
-def _not_served(error: Optional[Exception]) -> bool:
-    """Whether the answer says this endpoint does not exist here (a revision before it, or a
-    Klaviyo stand-in without it): the reports are skipped, not failed."""
-    if isinstance(error, KlaviyoNotFound):
-        return True
-    return isinstance(error, KlaviyoAPIError) and error.status in (405, 501)
 
 
 def _quota_spent(done: int, planned: int, rows: int, why: str) -> None:

@@ -269,6 +269,31 @@ def test_a_refresh_failing_beyond_its_retries_fails_the_run_and_keeps_its_cursor
     assert _cursor(pipeline) > cursor
 
 
+@pytest.mark.parametrize("status", [404, 405, 501])
+def test_a_server_without_the_profiles_listing_keeps_the_walks_and_the_cursor(
+    status: int,
+    account: Account,
+    simulator: KlaviyoSimulator,
+    source_for: Callable,
+    make_pipeline: Callable,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A proxy or stand-in that does not serve GET /api/profiles: the walks still load every
+    # member's profile, nothing fails, and the refresh cursor waits for an endpoint to read.
+    monkeypatch.setenv("RUNTIME__REQUEST_BACKOFF_FACTOR", "0.01")
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    cursor = _cursor(pipeline)
+    simulator.inject_fault("status", status=status, times=1000, path_contains="/api/profiles?")
+
+    KlaviyoExport(pipeline).run(source_for(reconcile="off"))
+
+    assert failed_segments(pipeline) == {}
+    assert _cursor(pipeline) == cursor
+    held = loaded_profiles(pipeline)
+    assert set(held) >= member_ids(account)
+
+
 def test_the_refresh_alone_starts_the_run_and_keeps_profiles_current(
     account: Account, simulator: KlaviyoSimulator, source_for: Callable, make_pipeline: Callable
 ) -> None:
