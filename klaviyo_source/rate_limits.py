@@ -1,4 +1,4 @@
-"""Rate budgets shared by every thread of a run: one burst and one steady window per endpoint.
+"""Rate budgets shared by every thread of a run: one burst and one steady window per budget.
 
 Klaviyo counts requests per account and per endpoint in a 1 s burst window and a 60 s steady
 window; some options (`profile_count`, `predictive_analytics`) are charged to a stricter global
@@ -18,21 +18,16 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
-from urllib.parse import parse_qs, urlsplit
+from typing import Callable, Dict, List, Optional, Sequence
 
 from pyrate_limiter import Limiter, Rate
-from requests import PreparedRequest, Response
-from requests.adapters import HTTPAdapter
+from requests import Response
 
 from . import settings
+from .endpoints import Budget, tier_windows
 
 _THROTTLED_IN = re.compile(r"available in (\d+) second")
 
-# Klaviyo's POST/PATCH segment limit (klaviyo-api.md §4): the XS tier plus 100 a day.
-WRITE_TIER = "WRITE"
-WRITES_PER_DAY = 100
-_DAY_SECONDS = 86400.0
 # Longest pause a `Retry-After` or `RateLimit-Reset` can credibly ask for: the steady window.
 # Resuming earlier than Klaviyo says only collects another 429, so these are not cut to
 # `request_max_retry_delay`; a larger value is not believed.
@@ -42,74 +37,6 @@ MAX_STATED_WAIT = 60.0
 # could land in the first one's window. Real milliseconds, at most a quarter of the shortest
 # window, so that a simulator's shortened windows are not stretched out of proportion.
 BUFFER_MS = 30
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A named quota and the tier it follows, e.g. ("get_segment_profiles", "L")."""
-
-    name: str
-    tier: str
-
-
-def _api_path(path: str) -> List[str]:
-    """Path parts after `/api/`, so a base_url behind a proxy prefix is budgeted the same."""
-    parts = [part for part in path.split("/") if part]
-    if "api" in parts:
-        return parts[len(parts) - parts[::-1].index("api") :]
-    return parts
-
-
-def budgets_for(method: str, url: str) -> List[Budget]:
-    """The budgets one request draws on, from its method, path and query.
-
-    The first budget is the endpoint's own: Klaviyo's `RateLimit-*` headers describe it.
-    """
-    parts = urlsplit(url)
-    segments = _api_path(parts.path)
-    query = parse_qs(parts.query)
-    if not segments:
-        return []
-    if method == "POST":
-        return [Budget("create_segment", WRITE_TIER)]
-    if method == "PATCH":
-        return [Budget("update_segment", WRITE_TIER)]
-    if method == "DELETE":
-        return [Budget("delete_segment", "S")]
-    if segments[0] == "tags":
-        return [Budget("get_tags", "S")]
-    if segments == ["profiles"]:
-        budgets = [Budget("get_profiles", "L")]
-        if "predictive_analytics" in ",".join(query.get("additional-fields[profile]", [])):
-            budgets.append(Budget("predictive_analytics", "M"))
-        return budgets
-    if segments[0] != "segments":
-        return [Budget("other", "L")]
-    if len(segments) == 1:
-        return [Budget("get_segments", "L")]
-    if len(segments) == 2:
-        budgets = [Budget("get_segment", "L")]
-        if "profile_count" in ",".join(query.get("additional-fields[segment]", [])):
-            budgets.append(Budget("profile_count", "XS"))
-        return budgets
-    tail = "/".join(segments[2:])
-    if tail in ("tags", "relationships/tags"):
-        return [Budget(f"get_segment_{tail.replace('/', '_')}", "S")]
-    budgets = [Budget(f"get_segment_{tail.replace('/', '_')}", "L")]
-    if "predictive_analytics" in ",".join(query.get("additional-fields[profile]", [])):
-        budgets.append(Budget("predictive_analytics", "M"))
-    return budgets
-
-
-def tier_windows(tier: str, revision: str = settings.DEFAULT_REVISION) -> List[Tuple[int, float]]:
-    """(requests, seconds) windows of a published tier, before this run's share and scale."""
-    if tier == WRITE_TIER:
-        per_second, per_minute = settings.RATE_TIERS["XS"]
-        return [(per_second, 1.0), (per_minute, 60.0), (WRITES_PER_DAY, _DAY_SECONDS)]
-    per_second, per_minute = settings.RATE_TIERS[tier]
-    if tier == "L" and revision[:10] < settings.L_TIER_STEADY_RAISED_IN:
-        per_minute = settings.L_TIER_STEADY_BEFORE
-    return [(per_second, 1.0), (per_minute, 60.0)]
 
 
 def _ordered(rates: List[Rate]) -> List[Rate]:
@@ -210,14 +137,14 @@ class RateLimiter:
                 self._limiters[budget.name] = limiter
             return limiter
 
-    def paused_for(self, budgets: List[Budget]) -> float:
+    def paused_for(self, budgets: Sequence[Budget]) -> float:
         """Seconds left before these budgets may be spent again (0 when none is paused)."""
         now = self._clock()
         with self._lock:
             until = max((self._paused_until.get(b.name, 0.0) for b in budgets), default=0.0)
         return max(0.0, until - now)
 
-    def acquire(self, budgets: List[Budget]) -> None:
+    def acquire(self, budgets: Sequence[Budget]) -> None:
         """Block until every budget has room for one more request, then spend it."""
         started = self._clock()
         with self._lock:
@@ -238,25 +165,25 @@ class RateLimiter:
         with self._lock:
             self.stats.waited_seconds += waited
 
-    def pause(self, budgets: List[Budget], seconds: float) -> None:
+    def pause(self, budgets: Sequence[Budget], seconds: float) -> None:
         """Hold every thread off these budgets for `seconds` (a pause never gets shorter)."""
         until = self._clock() + seconds
         with self._lock:
             for budget in budgets:
                 self._paused_until[budget.name] = max(self._paused_until.get(budget.name, 0), until)
 
-    def request_started(self, budgets: List[Budget]) -> None:
+    def request_started(self, budgets: Sequence[Budget]) -> None:
         """Count a request of these budgets as on its way (see `on_response`)."""
         with self._lock:
             for budget in budgets[:1]:
                 self._in_flight[budget.name] = self._in_flight.get(budget.name, 0) + 1
 
-    def request_finished(self, budgets: List[Budget]) -> None:
+    def request_finished(self, budgets: Sequence[Budget]) -> None:
         with self._lock:
             for budget in budgets[:1]:
                 self._in_flight[budget.name] = max(0, self._in_flight.get(budget.name, 0) - 1)
 
-    def on_response(self, budgets: List[Budget], response: Response) -> None:
+    def on_response(self, budgets: Sequence[Budget], response: Response) -> None:
         """Follow Klaviyo's `RateLimit-*` headers on a response that was not a 429.
 
         When `RateLimit-Remaining` leaves no room for the requests of the endpoint already on
@@ -277,7 +204,7 @@ class RateLimiter:
             self.pause(budgets[:1], min(reset, MAX_STATED_WAIT))
 
     def on_throttled(
-        self, budgets: List[Budget], response: Response, backoff_factor: float, max_delay: float
+        self, budgets: Sequence[Budget], response: Response, backoff_factor: float, max_delay: float
     ) -> float:
         """Pause the budgets after a 429 and return the pause: Klaviyo's wait, else a backoff.
 
@@ -319,40 +246,3 @@ def retry_after_seconds(response: Response) -> Optional[float]:
         return float(header)
     match = _THROTTLED_IN.search(response.text or "")
     return float(match.group(1)) if match else None
-
-
-class RateLimitedAdapter(HTTPAdapter):
-    """Transport adapter that spends the budgets of every attempt, retries included.
-
-    It also reads Klaviyo's answer about the quota: `RateLimit-*` headers and 429s pause the
-    budget for every thread. `answered` turns true once any HTTP response came back, which
-    tells an unreachable base_url (fail at once) from a dropped connection (retry).
-    """
-
-    def __init__(
-        self,
-        limiter: Optional[RateLimiter],
-        backoff_factor: float = 1.0,
-        max_delay: float = 300.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.limiter = limiter if limiter is not None else RateLimiter(pace=False)
-        self.backoff_factor = backoff_factor
-        self.max_delay = max_delay
-        self.answered = False
-
-    def send(self, request: PreparedRequest, *args: Any, **kwargs: Any) -> Response:
-        budgets = budgets_for(request.method or "GET", request.url or "")
-        self.limiter.acquire(budgets)
-        self.limiter.request_started(budgets)
-        try:
-            response = super().send(request, *args, **kwargs)
-        finally:
-            self.limiter.request_finished(budgets)
-        self.answered = True
-        if response.status_code == 429:
-            self.limiter.on_throttled(budgets, response, self.backoff_factor, self.max_delay)
-        else:
-            self.limiter.on_response(budgets, response)
-        return response
