@@ -18,7 +18,7 @@ from .client import KlaviyoClient
 from .errors import KlaviyoConfigError
 from .filters import segment_selection
 from .memberships import MembershipOptions, sync_listed_segment
-from .rate_limits import RateLimiter
+from .quota import RateLimiter
 from .rows import (
     SEGMENT_COLUMNS,
     SEGMENT_TAG_COLUMNS,

@@ -22,7 +22,7 @@ from .endpoints import Endpoint
 from .errors import KlaviyoConfigError
 from .member_pages import Member, decode_member_page
 from .origins import check_base_url, next_link, origin_of, without_user_info
-from .rate_limits import RateLimiter
+from .quota import RateLimiter
 from .transport import RetryPolicy, Transport
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ settings (`request_max_attempts`, `request_backoff_factor`, `request_max_retry_d
   `request_max_retry_delay`;
 - a 429 waits as long as Klaviyo says (`Retry-After`, up to a minute: resuming earlier only
   earns another 429), else a shared exponential backoff, for every thread at once (see
-  `rate_limits`). It is not a failure, but one request stops waiting once its 429 pauses add
+  `quota`). It is not a failure, but one request stops waiting once its 429 pauses add
   up to more than `(request_max_attempts - 1) * request_max_retry_delay`, the longest dlt's
   own retry would wait;
 - a base_url that never answered (refused, unknown host, no connect) fails at once: retrying
@@ -66,7 +66,7 @@ from .errors import (
     without_password,
 )
 from .origins import origin_of, refuse_other_origins
-from .rate_limits import RateLimiter
+from .quota import RateLimiter
 
 Timeouts = Union[float, Tuple[float, float]]
 
@@ -182,9 +182,9 @@ def _log_request(method: str, url: str) -> None:
 class RateLimitedAdapter(HTTPAdapter):
     """Transport adapter that spends the budgets of every attempt, retries included.
 
-    It also reads Klaviyo's answer about the quota: `RateLimit-*` headers and 429s pause the
-    budget for every thread. `answered` turns true once any HTTP response came back, which
-    tells an unreachable base_url (fail at once) from a dropped connection (retry).
+    It also hands Klaviyo's answer to the limiter, which follows its `RateLimit-*` headers and
+    pauses the budgets of a 429 for every thread. `answered` turns true once any HTTP response
+    came back, which tells an unreachable base_url (fail at once) from a dropped connection.
     """
 
     def __init__(
@@ -203,17 +203,17 @@ class RateLimitedAdapter(HTTPAdapter):
     def send(  # type: ignore[override]
         self, request: PreparedRequest, *args: Any, budgets: Sequence[Budget] = (), **kwargs: Any
     ) -> Response:
-        self.limiter.acquire(budgets)
-        self.limiter.request_started(budgets)
+        ticket = self.limiter.acquire(budgets)
         try:
             response = super().send(request, *args, **kwargs)
-        finally:
-            self.limiter.request_finished(budgets)
+        except BaseException:
+            self.limiter.release(ticket, None)
+            raise
         self.answered = True
         if response.status_code == 429:
-            self.limiter.on_throttled(budgets, response, self.backoff_factor, self.max_delay)
+            self.limiter.release_throttled(ticket, response, self.backoff_factor, self.max_delay)
         else:
-            self.limiter.on_response(budgets, response)
+            self.limiter.release(ticket, response)
         return response
 
 
