@@ -71,7 +71,7 @@ def klaviyo(
         reconcile: How leaves are found: "counts" (walk segments whose profile_count differs
             from the members held), "all" (walk every segment now), "off".
         full_reconcile_every_hours: Walk each segment in full at least this often; None: never.
-        rate_limit_share: Share of the account's published rate limits this source may use.
+        rate_limit_share: Share of each rate-limit window of the account this source may use.
         rate_limit_time_scale: Speed-up of a simulator's clock; 1 against Klaviyo.
         allow_insecure_http: Accept a plain http base_url on another machine (the key would
             travel unencrypted); http to this machine needs no opt-in.

@@ -81,7 +81,8 @@ class _SteadyWindow:
 
     Within a window the count only grows, so the lowest `Remaining` answered is the latest
     count known; every request not yet answered may still be missing from it. So the room left
-    is that `Remaining`, less the share left to others, less the requests in flight.
+    is that `Remaining` less the requests in flight, and never more than what is left of this
+    run's share of the window.
 
     `RateLimit-Reset` counts whole seconds, so an answer places the window's end between its
     request's sending plus `Reset - 1` and its arrival plus `Reset`; the earliest of the latter
@@ -91,9 +92,10 @@ class _SteadyWindow:
     """
 
     limit: int
+    allowance: Optional[int]  # requests of the window this run may send; None: all there are
     remaining: int  # the lowest RateLimit-Remaining answered in this window
-    reserve: int  # requests of the window left to other integrations (see `share`)
     ends_by: float  # the window has reset by then
+    spent: int  # requests this run sent that may count in this window
     end_known: bool = True  # ends_by comes from an answer in this window, not from a guess
     began_by: float = -math.inf  # the window before it had ended by then
     moved_on_at: float = -math.inf  # when this run moved on to the window
@@ -101,26 +103,42 @@ class _SteadyWindow:
 
     def room(self, in_flight: int) -> int:
         """Requests this run may still send in the window."""
-        return self.remaining - self.reserve - in_flight + self.probe
+        room = self.remaining - in_flight
+        if self.allowance is not None:
+            room = min(room, self.allowance - self.spent)
+        return room + self.probe
 
     def move_on(self, now: float, seconds: float, in_flight: int) -> None:
-        """Take the window to have reset at `ends_by`, as Klaviyo said it would."""
+        """Take the window to have reset at `ends_by`, as Klaviyo said it would.
+
+        Requests still in flight may count in the new window; the old window's `Remaining`
+        stays as a floor until an answer from the new one comes.
+        """
+        self.probe = 1 if self.room(in_flight) <= 0 else 0
         self.began_by = self.ends_by
         self.ends_by = now + seconds  # a guess until an answer from the new window comes
         self.end_known = False
         self.moved_on_at = now
-        self.probe = 1 if self.room(in_flight) <= 0 else 0
+        self.spent = in_flight
 
-    def follow(self, headers: Headers, reserve: int, sent_at: float, now: float) -> bool:
+    def follow(
+        self,
+        headers: Headers,
+        allowance: Optional[int],
+        in_flight: int,
+        sent_at: float,
+        now: float,
+    ) -> bool:
         """Take in an answer's headers; False if they describe an earlier window."""
         ends_after = sent_at + headers.reset - 1
         ends_by = now + headers.reset
         if sent_at < self.moved_on_at and ends_after < self.began_by:
             return False
-        self.limit, self.reserve = headers.limit, reserve
+        self.limit, self.allowance = headers.limit, allowance
         if self.end_known and ends_after >= self.ends_by:
             self.began_by, self.moved_on_at = self.ends_by, now
             self.ends_by, self.remaining = ends_by, headers.remaining
+            self.spent = in_flight + 1
         elif not self.end_known:
             self.ends_by, self.end_known, self.remaining = ends_by, True, headers.remaining
         else:
@@ -191,6 +209,8 @@ class _Quota:
 
     def send(self) -> None:
         self.in_flight += 1
+        if self.steady is not None:
+            self.steady.spent += 1
 
     def answer(self, now: float) -> None:
         self.in_flight -= 1
@@ -210,8 +230,9 @@ class Ticket(NamedTuple):
 class RateLimiter:
     """Per-budget quotas for a share of what Klaviyo grants, shared by every thread of a run.
 
-    `share` is the fraction of each window this run may use: it leaves the rest of the limit
-    Klaviyo names to other integrations (of a published tier while none is named).
+    `share` is the fraction of each window this run may use (of the limit Klaviyo names, of a
+    published tier while none is named), whatever other integrations use; two runs at 0.5
+    each share the account's quota. Where Klaviyo's windows slide, only `Remaining` bounds it.
     `time_scale` shortens the published windows for simulators that run time faster; what
     Klaviyo states (`RateLimit-Reset`, `Retry-After`) is in real seconds already. `pace=False`
     keeps only what Klaviyo's answers ask for (a client without a configured budget).
@@ -257,9 +278,9 @@ class RateLimiter:
             kept.append((count, window / self.time_scale))
         return kept
 
-    def allowance(self, limit: int) -> int:
-        """Requests of a steady window of `limit` that this run may send."""
-        return max(1, math.floor(limit * self.share))
+    def allowance(self, limit: int) -> Optional[int]:
+        """Requests of a steady window of `limit` this run may send; None: what Klaviyo has."""
+        return None if self.share == 1 else max(1, math.floor(limit * self.share))
 
     def _quota(self, budget: Budget) -> _Quota:
         quota = self._quotas.get(budget.name)
@@ -335,13 +356,18 @@ class RateLimiter:
         return quotas[0]
 
     def _follow(self, quota: _Quota, headers: Headers, ticket: Ticket, now: float) -> None:
-        reserve = headers.limit - self.allowance(headers.limit)
+        allowance = self.allowance(headers.limit)
         window = quota.steady
         if window is None:
+            # The first answer: every request sent so far is this one or still in flight.
             window = quota.steady = _SteadyWindow(
-                headers.limit, headers.remaining, reserve, now + headers.reset
+                headers.limit,
+                allowance,
+                headers.remaining,
+                now + headers.reset,
+                spent=quota.in_flight + 1,
             )
-        elif not window.follow(headers, reserve, ticket.sent_at, now):
+        elif not window.follow(headers, allowance, quota.in_flight, ticket.sent_at, now):
             return
         if window.room(quota.in_flight) <= 0:
             self.stats.exhausted += 1

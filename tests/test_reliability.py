@@ -33,7 +33,7 @@ from klaviyo_source import klaviyo
 from klaviyo_source.client import KlaviyoClient
 from klaviyo_source.errors import KlaviyoRateLimited, KlaviyoServerError
 from klaviyo_source.quota import RateLimiter
-from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
+from klaviyo_source.simulator import ALL_SCOPES, Account, KlaviyoSimulator, generate_account
 from klaviyo_source.simulator.rate_limits import WINDOW_KINDS
 from klaviyo_source.summary import failed_segments
 
@@ -498,22 +498,34 @@ def test_a_run_started_mid_window_spends_what_is_left_at_the_burst_rate_then_wai
     assert limiter.stats.exhausted >= 1 and limiter.stats.throttled == 0
 
 
-def test_a_share_leaves_the_rest_of_each_window_to_other_integrations(account: Account) -> None:
-    # Half of the S tier: one request a second, and 30 of the 60 Klaviyo grants a minute; the
-    # run starts 10 s into the minute, with 50 s of room at that rate.
+def test_two_runs_at_half_the_share_each_spend_the_window_together(account: Account) -> None:
+    # Two integrations with keys of one account, each at rate_limit_share 0.5 of the S tier:
+    # one request a second and 30 of the minute's 60 each. They take turns from 10 s into the
+    # minute, with 50 s of room at that rate; one clock, moved by their waits.
+    keys = {"pk_first_0123456789": ALL_SCOPES, "pk_second_0123456789": ALL_SCOPES}
     clock = ManualClock(advance_on_sleep=True)
-    with KlaviyoSimulator(account, rate_limits=True, rate_limit_clock=clock) as simulator:
+    with KlaviyoSimulator(
+        account, api_keys=keys, rate_limits=True, rate_limit_clock=clock
+    ) as simulator:
         clock.advance(10.0)
-        limiter = RateLimiter(share=0.5, clock=clock, sleep=clock.sleep)
-        client = KlaviyoClient(simulator.api_key, simulator.base_url, rate_limiter=limiter)
+        clients = [
+            KlaviyoClient(
+                key,
+                simulator.base_url,
+                rate_limiter=RateLimiter(share=0.5, clock=clock, sleep=clock.sleep),
+            )
+            for key in keys
+        ]
         segment_id = sorted(account.segments())[0]
-        for _ in range(45):
-            client.get_segment_tags(segment_id)
+        for _ in range(40):
+            for client in clients:
+                client.get_segment_tags(segment_id)
         sent = charged(simulator, "get_segment_tags")
+        answered = Counter((r.api_key, r.status) for r in simulator.request_log)
 
-    assert statuses(simulator) == Counter({200: 45})
-    assert per_window(sent) == [30, 15]
-    assert clock.sleeps == [1.0] * 29 + [21.0] + [1.0] * 14  # 30 by 39 s, then the reset
+    assert answered == Counter({(key, 200): 40 for key in keys})
+    # Turn by turn, 30 each fill the minute; neither takes the other's half.
+    assert per_window(sent) == [60, 20]
 
 
 def test_the_limit_klaviyo_names_replaces_the_published_one(account: Account) -> None:
