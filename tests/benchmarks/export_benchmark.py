@@ -791,6 +791,11 @@ class QuotaUse:
     throttled: int
     answered: int
     used: dict[str, tuple[int, float]]  # bucket: (requests, share of what the quota allowed)
+    first_s: float  # first request, after the start
+    last_s: float  # last request, after the start
+    resumed_s: list[
+        float
+    ]  # the busiest bucket's first request in each later minute, after its reset
 
 
 def quota_use(run: MeasuredExport, revision: str, scale: float) -> QuotaUse:
@@ -805,6 +810,13 @@ def quota_use(run: MeasuredExport, revision: str, scale: float) -> QuotaUse:
         by_bucket[bucket] = by_bucket.get(bucket, 0) + 1
     fewest = 0.0
     used: dict[str, tuple[int, float]] = {}
+    stamps = sorted(at for _, at in log.charged)
+    busiest = max(by_bucket, key=by_bucket.__getitem__)
+    firsts: dict[int, float] = {}
+    for bucket, at in log.charged:
+        if bucket == busiest:
+            firsts.setdefault(int(at // 60.0), at)
+    resumed = [at - index * 60.0 for index, at in sorted(firsts.items())[1:]]
     for bucket, count in sorted(by_bucket.items(), key=lambda item: -item[1]):
         windows = bucket_windows(bucket, revision)
         last = next(itertools.islice(earliest_times(windows, start), count - 1, None))
@@ -820,6 +832,9 @@ def quota_use(run: MeasuredExport, revision: str, scale: float) -> QuotaUse:
         throttled,
         len(log.statuses),
         used,
+        (stamps[0] - start) / scale,
+        (stamps[-1] - start) / scale,
+        [delay / scale for delay in resumed],
     )
 
 
@@ -838,6 +853,14 @@ def quota_rows(label: str, use: QuotaUse, memberships: int, busy: float) -> list
             f"{use.wall_s:.1f} s / {use.fewest_s:.1f} s = {ratio:.3f}x",
             f"<= {TARGET_QUOTA_RATIO:.2f}x",
             ratio <= TARGET_QUOTA_RATIO,
+        ),
+        Row(
+            "1",
+            f"where the wall went ({label})",
+            f"first request after {use.first_s:.1f} s, last after {use.last_s:.1f} s; each "
+            "minute resumed "
+            + ", ".join(f"{delay:.2f}" for delay in use.resumed_s)
+            + f" s after its reset; {use.wall_s - use.last_s:.1f} s after the last request",
         ),
         Row(
             "1",
