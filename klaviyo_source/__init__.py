@@ -22,7 +22,7 @@ from .errors import KlaviyoConfigError
 from .filters import segment_selection
 from .memberships import MembershipOptions, sync_listed_segment
 from .profile_refresh import profile_lookback, refresh_profiles
-from .rate_limits import RateLimiter
+from .quota import RateLimiter
 from .rows import (
     SEGMENT_COLUMNS,
     SEGMENT_TAG_COLUMNS,
@@ -90,7 +90,7 @@ def klaviyo(
             (from revision 2024-10-15; 225 requests a day, spent over as many runs as needed).
         segment_reports_start: First day (YYYY-MM-DD) of those reports; unset: 2023-06-01,
             the first day Klaviyo has.
-        rate_limit_share: Share of the account's published rate limits this source may use.
+        rate_limit_share: Share of each rate-limit window of the account this source may use.
         rate_limit_time_scale: Speed-up of a simulator's clock; 1 against Klaviyo.
         allow_insecure_http: Accept a plain http base_url on another machine (the key would
             travel unencrypted); http to this machine needs no opt-in.
