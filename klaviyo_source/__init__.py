@@ -17,6 +17,7 @@ from . import settings
 from .client import KlaviyoClient
 from .errors import KlaviyoConfigError
 from .filters import segment_selection
+from .leave_checks import LeavePolicy
 from .memberships import MembershipOptions, sync_listed_segment
 from .rate_limits import RateLimiter
 from .rows import (
@@ -68,8 +69,9 @@ def klaviyo(
         include_profiles: False loads memberships only (`fields[profile]=joined_group_at`).
         profile_additional_fields: Any of "subscriptions", "predictive_analytics" (stricter limits).
         lookback_minutes: How far behind each segment's cursor a run looks again for late joins.
-        reconcile: How leaves are found: "counts" (walk segments whose profile_count differs
-            from the members held), "all" (walk every segment now), "off".
+        reconcile: How leaves are found: "counts" (check every segment each run: walk the
+            member ids of small ones, count the largest), "all" (read every segment whole
+            now), "off" (only the scheduled full walks).
         full_reconcile_every_hours: Walk each segment in full at least this often; None: never.
         rate_limit_share: Share of the account's published rate limits this source may use.
         rate_limit_time_scale: Speed-up of a simulator's clock; 1 against Klaviyo.
@@ -90,6 +92,9 @@ def klaviyo(
     client = KlaviyoClient(
         api_key, base_url, revision, rate_limiter=limiter, allow_insecure_http=allow_insecure_http
     )
+    leave_policy = LeavePolicy.for_account(
+        options.reconcile, options.full_reconcile_every, revision, rate_limit_share
+    )
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
     started = datetime.now(timezone.utc)
 
@@ -98,7 +103,7 @@ def klaviyo(
         # Run setup, in the pipeline's thread before any segment is walked: everything the
         # parallel walks need from dlt is read here, once, and travels with each segment.
         run = start_run(started, WALKING_RESOURCE)
-        yield from list_segments(client, selection, segment_ids or [], run)
+        yield from list_segments(client, selection, segment_ids or [], run, leave_policy)
 
     @dlt.transformer(
         data_from=segment_listing,

@@ -1,5 +1,6 @@
 """Shared fixtures: a simulated Klaviyo account over HTTP, and pipelines into DuckDB files."""
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import dlt
 import pytest
 
 from klaviyo_source import klaviyo
+from klaviyo_source.leave_checks import LeavePolicy, Quota
 from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
 
 # Small enough to run in seconds, large enough that the biggest segment spans many pages and
@@ -80,3 +82,17 @@ def source_for(simulator: KlaviyoSimulator) -> Callable[..., Any]:
         return klaviyo(api_key=simulator.api_key, base_url=simulator.base_url, **options)
 
     return make
+
+
+@pytest.fixture
+def walks_of_ten_pages_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leave checks plan with id walks of ten pages a minute: walking the large segments of the
+    test account would then take longer than counting them, as Klaviyo's limits make it for an
+    account of hundreds of large segments."""
+    for_account = LeavePolicy.for_account
+
+    def with_slow_walks(*args: Any, **kwargs: Any) -> LeavePolicy:
+        policy = for_account(*args, **kwargs)
+        return dataclasses.replace(policy, walk_quota=Quota(per_second=75, per_minute=10))
+
+    monkeypatch.setattr(LeavePolicy, "for_account", staticmethod(with_slow_walks))

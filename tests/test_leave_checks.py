@@ -1,0 +1,238 @@
+"""Planning a run's leave checks: every settled segment is checked each run, walked where its
+pages are done sooner than a count, counted where that pays; a run makes the planned requests."""
+
+import dataclasses
+import itertools
+import math
+import random
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Dict, List, Sequence
+
+import pytest
+from expected import table_snapshot
+from scenarios import one_page_segment, settled_segments, sizes_as_accounts_have_them
+
+from klaviyo_source.leave_checks import (
+    COUNT_CLOCK_MARGIN,
+    LeaveCheck,
+    LeavePolicy,
+    ProfileCount,
+    Quota,
+    SegmentToCheck,
+    count_differs,
+    plan_leave_checks,
+)
+from klaviyo_source.simulator import Account, KlaviyoSimulator
+
+NOW = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
+# Klaviyo's published limits at the source's default revision (L steady 700/min).
+REAL_LIMITS = LeavePolicy()
+WALK_TABLES = ("segment_memberships", "segment_membership_periods", "profiles")
+
+
+def _segment(segment_id: str, held: int, **overrides: Any) -> SegmentToCheck:
+    fields: Dict[str, Any] = dict(
+        segment_id=segment_id,
+        held_count=held,
+        walked_before=True,
+        is_processing=False,
+        read_whole_at=NOW - timedelta(hours=1),
+    )
+    fields.update(overrides)
+    return SegmentToCheck(**fields)
+
+
+def _many(sizes: Sequence[int]) -> List[SegmentToCheck]:
+    return [_segment(f"s{index:03d}", size) for index, size in enumerate(sizes)]
+
+
+# -- the time a quota takes -------------------------------------------------------------------
+
+
+def test_a_quota_spends_one_steady_window_at_burst_pace_then_a_window_a_minute() -> None:
+    xs = Quota.of_tier("XS", "2025-04-15", 1.0)
+    assert [xs.seconds_for(n) for n in (0, 1, 15, 16, 30, 31)] == [0, 0, 14, 60, 74, 120]
+    large = Quota.of_tier("L", "2025-04-15", 1.0)
+    assert large.per_minute == 700 and Quota.of_tier("L", "2026-01-15", 1.0).per_minute == 750
+    assert large.seconds_for(700) == pytest.approx(699 / 75)
+    assert large.seconds_for(701) == 60
+    # Half the account's quota: half of each window.
+    assert Quota.of_tier("XS", "2025-04-15", 0.5).seconds_for(8) == 60
+
+
+# -- which segments are checked, and how ------------------------------------------------------
+
+
+def test_segments_whose_pass_reads_them_whole_or_that_are_not_checked() -> None:
+    plan = plan_leave_checks(
+        [
+            _segment("first walk", 500, walked_before=False),
+            _segment("processing", 500, is_processing=True),
+            _segment("nothing held", 0),
+            _segment("one page", 100),
+            _segment("two pages", 101),
+            _segment("due", 5_000, read_whole_at=NOW - timedelta(hours=24)),
+            _segment("never read whole", 5_000, read_whole_at=None),
+        ],
+        REAL_LIMITS,
+        NOW,
+    )
+
+    assert plan.checks == {
+        "first walk": LeaveCheck.NONE,
+        "processing": LeaveCheck.NONE,
+        "nothing held": LeaveCheck.NONE,
+        "one page": LeaveCheck.READ_WHOLE,
+        "two pages": LeaveCheck.WALK_IDS,
+        "due": LeaveCheck.READ_WHOLE,
+        "never read whole": LeaveCheck.READ_WHOLE,
+    }
+
+
+@pytest.mark.parametrize(
+    "reconcile, every, expected",
+    [
+        ("off", timedelta(hours=24), {"one page": "none", "large": "none", "due": "read whole"}),
+        ("off", None, {"one page": "none", "large": "none", "due": "none"}),
+        ("all", None, dict.fromkeys(("one page", "large", "due"), "read whole")),
+    ],
+)
+def test_off_reads_only_the_segments_due_and_all_reads_every_segment_whole(
+    reconcile: str, every: timedelta, expected: Dict[str, str]
+) -> None:
+    policy = dataclasses.replace(REAL_LIMITS, reconcile=reconcile, full_walk_every=every)
+    segments = [
+        _segment("one page", 40),
+        _segment("large", 50_000),
+        _segment("due", 50_000, read_whole_at=NOW - timedelta(days=2)),
+    ]
+
+    plan = plan_leave_checks(segments, policy, NOW)
+
+    assert {sid: check.value for sid, check in plan.checks.items()} == expected
+    assert plan.counted == () and plan.walked_pages == 0
+
+
+def test_small_segments_are_walked_and_the_largest_counted_largest_first() -> None:
+    segments = _many(sizes_as_accounts_have_them(100, largest=20_000))
+
+    plan = plan_leave_checks(segments, REAL_LIMITS, NOW)
+
+    size = {segment.segment_id: segment.held_count for segment in segments}
+    walked = [sid for sid, check in plan.checks.items() if check is LeaveCheck.WALK_IDS]
+    counted = [sid for sid, check in plan.checks.items() if check is LeaveCheck.COUNT]
+    assert walked and counted
+    assert max(size[sid] for sid in walked) <= min(size[sid] for sid in counted)
+    assert list(plan.counted) == sorted(counted, key=lambda sid: -size[sid])
+    assert plan.walked_pages == sum(math.ceil(size[sid] / 100) for sid in walked)
+
+
+def test_a_few_small_segments_are_all_walked_though_counting_some_would_save_a_second() -> None:
+    plan = plan_leave_checks(_many([150, 1_200, 3_000, 4_000]), REAL_LIMITS, NOW)
+
+    assert set(plan.checks.values()) == {LeaveCheck.WALK_IDS}
+    assert plan.walked_pages == 2 + 12 + 30 + 40
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_plan_ends_soonest_and_within_that_time_walks_the_most(seed: int) -> None:
+    """Against every way of choosing which segments to walk: none ends sooner, and none that
+    ends as soon (or within the walks' first steady window) walks more segments."""
+    rng = random.Random(seed)
+    walk, count = Quota(per_second=10, per_minute=20), Quota(per_second=1, per_minute=3)
+    policy = dataclasses.replace(REAL_LIMITS, walk_quota=walk, count_quota=count)
+    segments = _many([rng.randint(101, 2_500) for _ in range(rng.randint(1, 9))])
+
+    plan = plan_leave_checks(segments, policy, NOW)
+
+    def seconds(walked: Sequence[SegmentToCheck]) -> float:
+        pages = sum(math.ceil(segment.held_count / 100) for segment in walked)
+        return max(walk.seconds_for(pages), count.seconds_for(len(segments) - len(walked)))
+
+    choices = [
+        list(walked)
+        for k in range(len(segments) + 1)
+        for walked in itertools.combinations(segments, k)
+    ]
+    soonest = min(seconds(walked) for walked in choices)
+    allowed = max(soonest, walk.window_seconds)
+    most = max(len(walked) for walked in choices if seconds(walked) <= allowed)
+    walked_in_plan = [s for s in segments if plan.checks[s.segment_id] is LeaveCheck.WALK_IDS]
+    assert plan.seconds == pytest.approx(seconds(walked_in_plan))
+    assert plan.seconds <= allowed + 1e-9
+    assert len(walked_in_plan) == most
+
+
+@pytest.mark.parametrize("segments, target_seconds", [(20, 30), (100, 30), (500, 120)])
+def test_every_segment_of_a_large_account_is_checked_within_the_targets_at_real_limits(
+    segments: int, target_seconds: float
+) -> None:
+    """The plan's own estimate at Klaviyo's limits; tests/benchmarks/leave_checks_benchmark.py
+    times such runs against the simulator."""
+    plan = plan_leave_checks(
+        _many(sizes_as_accounts_have_them(segments, largest=20_000)), REAL_LIMITS, NOW
+    )
+
+    assert LeaveCheck.NONE not in plan.checks.values()
+    assert len(plan.checks) == segments
+    assert plan.seconds <= target_seconds
+
+
+# -- what a count says --------------------------------------------------------------------------
+
+
+def test_a_count_is_compared_with_the_members_held_and_the_joins_it_can_have_seen() -> None:
+    answered = NOW
+    count = ProfileCount(value=10, answered_at=answered)
+    before, after = answered - timedelta(minutes=5), answered + COUNT_CLOCK_MARGIN * 2
+
+    assert not count_differs(count, held_count=10, join_times=[])
+    assert count_differs(count, held_count=11, join_times=[])  # a leave
+    # A join dated after the count was answered is not in it: no walk for it.
+    assert not count_differs(count, held_count=10, join_times=[after])
+    # One dated before it is: then the count says one member is missing.
+    assert count_differs(count, held_count=10, join_times=[before])
+    assert not count_differs(count, held_count=9, join_times=[before, after])
+    assert not count_differs(ProfileCount(None, answered), held_count=3, join_times=[])
+
+
+# -- a run makes the planned requests -----------------------------------------------------------
+
+
+def test_a_no_change_run_makes_the_planned_requests_on_each_endpoint(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    source_for: Callable,
+    make_pipeline: Callable,
+    walks_of_ten_pages_a_minute: None,
+) -> None:
+    one_page = one_page_segment(account)
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    before = {table: table_snapshot(pipeline, table) for table in WALK_TABLES}
+    settled = settled_segments(account)
+    # Walked, the two largest (20 pages) would take a minute at 10 pages a minute; two
+    # counts take a second.
+    counted = set(settled[:2])
+    walked = set(settled) - counted - {one_page}
+    assert len(walked) == 3
+
+    simulator.reset_counters()
+    pipeline.run(source_for())
+
+    log = simulator.request_log
+    passes = [r for r in log if r.operation == "get_segment_profiles"]
+    assert Counter(r.path.split("/")[3] for r in passes) == Counter(account.segments().keys())
+    assert {r.path.split("/")[3] for r in passes if "filter" not in r.query} >= {one_page}
+    id_pages = Counter(
+        r.path.split("/")[3] for r in log if r.operation == "get_segment_relationships_profiles"
+    )
+    assert id_pages == {sid: math.ceil(len(account.members(sid)) / 100) for sid in walked}
+    counts = Counter(
+        r.path.split("/")[3]
+        for r in log
+        if r.operation == "get_segment" and "additional-fields[segment]" in r.query
+    )
+    assert counts == dict.fromkeys(counted, 1)
+    assert {table: table_snapshot(pipeline, table) for table in WALK_TABLES} == before
