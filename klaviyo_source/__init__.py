@@ -93,7 +93,11 @@ def klaviyo(
         api_key, base_url, revision, rate_limiter=limiter, allow_insecure_http=allow_insecure_http
     )
     leave_policy = LeavePolicy.for_account(
-        options.reconcile, options.full_reconcile_every, revision, rate_limit_share
+        options.reconcile,
+        options.full_reconcile_every,
+        revision,
+        rate_limit_share,
+        pass_tier="M" if "predictive_analytics" in (options.additional_fields() or []) else "L",
     )
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
     started = datetime.now(timezone.utc)

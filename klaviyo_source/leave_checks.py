@@ -1,49 +1,43 @@
-"""How a run looks for leaves: which segments it walks, which it counts, planned once per run.
+"""How a run looks for leaves: which segments are read whole, walked by id or counted, planned
+once per run.
 
 Klaviyo never says when a profile leaves a segment. A run sees a leave by listing every current
-member of the segment (a walk), or suspects one when Klaviyo's `profile_count` differs from the
-members held plus the joins just loaded (a count). Each has its own quota:
+member of the segment, or suspects one when Klaviyo's `profile_count` differs from the members
+held plus the joins just loaded (a count). Three quotas serve this, each separate:
 
-- the incremental passes use `GET /segments/{id}/profiles` (L tier). A segment of at most one
-  page is read whole by its pass for the same single request: an exact check at no cost;
-- `GET /segments/{id}/relationships/profiles` (L tier, a quota of its own and otherwise idle)
-  lists member ids, 100 a page. A walk is exact: every leave, and every join the incremental
-  pass could not see, shows;
+- `GET /segments/{id}/profiles` (L tier; M with predictive_analytics) serves the incremental
+  passes. A pass without its filter reads the segment whole: every member with its
+  `joined_group_at`, so leaves, late joins and re-joins of any age show. For a segment of one
+  page that costs what the filtered pass costs; a larger one costs its pages, spent from what
+  the passes leave of the quota;
+- `GET /segments/{id}/relationships/profiles` (L tier, a quota of its own) lists member ids,
+  100 a page: every leave shows, and every join the pass could not see;
 - `profile_count` (XS tier: 1/s, 15/min) costs one request whatever the segment's size, but a
   leave and a join the pass did not see cancel out.
 
-A page costs 60/700 s of the walks' steady quota, a count 4 s of its own, so walking wins for
-small segments and counting for large ones. The plan takes the split that ends soonest, the two
-quotas working at once, and then walks as much as that time allows (a walk is exact): at least
-what the walks' quota serves within its first steady window without waiting. What a count cannot
-see (a leave cancelled out by a late join) and what no id walk can see (a re-join dated behind
-the lookback window, an id that stays) is caught by each segment's scheduled full walk of
-`/profiles`, which compares every `joined_group_at`.
+A page costs 60/700 s of an L quota's steady window, a count 4 s of its own, so listing wins for
+small segments and counting for the largest. The plan finds the earliest time by which every
+segment can be checked, the three quotas working at once: the largest counted, the others' ids
+walked, and those the walks' quota cannot take in time read whole from what the passes leave.
+Within that time, or within the walks' first steady window if that is later (it costs no
+waiting), it counts as few segments as it can, since a listing misses nothing.
 
-Counts are asked in a thread of their own from the moment the plan is made, while the walks
-run, so that no extract worker waits on the 1/s tier; a counted segment's walk picks its count up
-after its pass. The plan is made in the pipeline's thread; the thread uses only the client.
+What a count cannot see (a leave and a late join) and what no id walk can (a re-join dated
+behind the lookback window: the id stays) is caught by each segment's scheduled read whole
+(`full_reconcile_every_hours`). The plan is made in the pipeline's thread, once the listing is
+read; the counts are asked by `profile_counts`.
 """
 
 import enum
-import logging
 import math
-import threading
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import settings
-from .client import KlaviyoClient
-from .errors import KlaviyoAuthenticationError, KlaviyoPermissionError
 
-logger = logging.getLogger(__name__)
-
-# Joins dated up to this long after a count was answered are still taken as counted in it:
-# Klaviyo's clock and ours may differ a little. Counting too many joins only ever calls for a
-# walk that finds nothing; too few could let a join hide a leave.
-COUNT_CLOCK_MARGIN = timedelta(minutes=1)
+# Bisections of the time by which every segment can be checked: 2**-40 of the longest plan.
+BISECTIONS = 40
 
 
 class LeaveCheck(enum.Enum):
@@ -78,6 +72,14 @@ class Quota:
         minutes, within = divmod(requests - 1, int(self.per_minute))
         return minutes * 60.0 + within / self.per_second
 
+    def requests_within(self, seconds: float) -> int:
+        """How many requests `seconds_for` fits in `seconds` (the first is sent at once)."""
+        minutes = math.floor(max(0.0, seconds) / 60.0)
+        within = min(
+            int(self.per_minute) - 1, math.floor((seconds - minutes * 60.0) * self.per_second)
+        )
+        return minutes * int(self.per_minute) + within + 1
+
     @property
     def window_seconds(self) -> float:
         """How long a whole steady window of requests takes: what is spent without waiting."""
@@ -87,10 +89,11 @@ class Quota:
 @dataclass(frozen=True)
 class LeavePolicy:
     """How leaves are looked for (`reconcile`), how often each segment is read whole, and the
-    quotas a run's id walks and counts draw on."""
+    quotas of the passes, the id walks and the counts."""
 
     reconcile: str = settings.DEFAULT_RECONCILE
     full_walk_every: Optional[timedelta] = settings.DEFAULT_FULL_RECONCILE_EVERY
+    pass_quota: Quota = Quota.of_tier("L", settings.DEFAULT_REVISION, 1.0)
     walk_quota: Quota = Quota.of_tier("L", settings.DEFAULT_REVISION, 1.0)
     count_quota: Quota = Quota.of_tier("XS", settings.DEFAULT_REVISION, 1.0)
 
@@ -101,10 +104,14 @@ class LeavePolicy:
         full_walk_every: Optional[timedelta],
         revision: str,
         share: float,
+        pass_tier: str = "L",
     ) -> "LeavePolicy":
+        """`pass_tier` is "M" when member pages carry predictive_analytics, whose tier is
+        stricter than L on both windows."""
         return cls(
             reconcile=reconcile,
             full_walk_every=full_walk_every,
+            pass_quota=Quota.of_tier(pass_tier, revision, share),
             walk_quota=Quota.of_tier("L", revision, share),
             count_quota=Quota.of_tier("XS", revision, share),
         )
@@ -122,18 +129,20 @@ class SegmentToCheck:
 
     @property
     def pages(self) -> int:
-        """Pages a walk of its current members takes, as far as the run knows before it."""
+        """Pages a listing of its current members takes, as far as the run knows before it."""
         return max(1, math.ceil(self.held_count / settings.SEGMENT_PROFILES_PAGE_SIZE))
 
 
 @dataclass(frozen=True)
 class LeavePlan:
-    """The check of each planned segment, and what the plan expects the checks to cost."""
+    """The check of each planned segment, and what the plan expects the run's requests for
+    member lists and counts to cost."""
 
     checks: Mapping[str, LeaveCheck] = field(default_factory=dict)
     # Counted segments, largest first: the order their counts are asked in.
     counted: Tuple[str, ...] = ()
     walked_pages: int = 0
+    pass_pages: int = 0  # the passes' requests, read whole or not
     seconds: float = 0.0
 
     def check_of(self, segment_id: str) -> LeaveCheck:
@@ -145,9 +154,10 @@ class LeavePlan:
             tally[check] += 1
         return (
             f"leave checks: {tally[LeaveCheck.READ_WHOLE]} segments read whole, "
-            f"{tally[LeaveCheck.WALK_IDS]} walked by id ({self.walked_pages} pages), "
-            f"{tally[LeaveCheck.COUNT]} counted, {tally[LeaveCheck.NONE]} not checked; "
-            f"about {self.seconds:.0f} s at the rate limits"
+            f"{tally[LeaveCheck.WALK_IDS]} walked by id, {tally[LeaveCheck.COUNT]} counted, "
+            f"{tally[LeaveCheck.NONE]} not checked; {self.pass_pages} pages of members, "
+            f"{self.walked_pages} of ids and {len(self.counted)} counts: about "
+            f"{self.seconds:.0f} s at the rate limits"
         )
 
 
@@ -157,27 +167,35 @@ def plan_leave_checks(
     """Each segment's check for this run (see the module's docstring)."""
     checks: Dict[str, LeaveCheck] = {}
     to_split: List[SegmentToCheck] = []
+    pass_pages = 0  # at least: a filtered pass may find more than a page of joins
     for segment in segments:
         check = _check_before_the_split(segment, policy, now)
+        pass_pages += segment.pages if check is LeaveCheck.READ_WHOLE else 1
         if check is None:
             to_split.append(segment)
         else:
             checks[segment.segment_id] = check
-    walked, counted, seconds = _split(to_split, policy.walk_quota, policy.count_quota)
-    checks.update(dict.fromkeys((segment.segment_id for segment in walked), LeaveCheck.WALK_IDS))
-    checks.update(dict.fromkeys((segment.segment_id for segment in counted), LeaveCheck.COUNT))
+    split = _split(to_split, policy, pass_pages)
+    for kind, planned in (
+        (LeaveCheck.WALK_IDS, split.walked),
+        (LeaveCheck.READ_WHOLE, split.read),
+        (LeaveCheck.COUNT, split.counted),
+    ):
+        checks.update(dict.fromkeys((segment.segment_id for segment in planned), kind))
     return LeavePlan(
         checks=checks,
-        counted=tuple(segment.segment_id for segment in reversed(counted)),
-        walked_pages=sum(segment.pages for segment in walked),
-        seconds=seconds,
+        counted=tuple(segment.segment_id for segment in reversed(split.counted)),
+        walked_pages=_pages(split.walked),
+        pass_pages=pass_pages + _pages(split.read) - len(split.read),
+        seconds=split.seconds,
     )
 
 
 def _check_before_the_split(
     segment: SegmentToCheck, policy: LeavePolicy, now: datetime
 ) -> Optional[LeaveCheck]:
-    """The check a segment gets whatever the others need; None if it is walked or counted."""
+    """The check a segment gets whatever the others need; None if it is one of those shared
+    out between the quotas."""
     if not segment.walked_before or segment.held_count == 0 or segment.is_processing:
         # A first pass lists every member anyway; a processing segment's membership is in flux.
         return LeaveCheck.NONE
@@ -194,90 +212,124 @@ def _check_before_the_split(
     return None
 
 
-def _split(
-    segments: Sequence[SegmentToCheck], walk_quota: Quota, count_quota: Quota
-) -> Tuple[List[SegmentToCheck], List[SegmentToCheck], float]:
-    """Walked (the smallest) and counted (the largest) segments, and the seconds they take.
+@dataclass(frozen=True)
+class _Split:
+    """Segments shared out between the quotas (each list smallest first), and how long the
+    passes and checks take at the rate limits."""
 
-    Walking the k smallest costs the fewest pages for k walks. The split ends when the slower
-    quota is done; of the splits ending soonest (or within the walks' first steady window,
-    which costs no waiting) the one walking most is taken, since a walk misses nothing.
+    walked: Tuple[SegmentToCheck, ...] = ()
+    read: Tuple[SegmentToCheck, ...] = ()
+    counted: Tuple[SegmentToCheck, ...] = ()
+    seconds: float = 0.0
+
+
+def _pages(segments: Sequence[SegmentToCheck]) -> int:
+    return sum(segment.pages for segment in segments)
+
+
+def _split(segments: Sequence[SegmentToCheck], policy: LeavePolicy, pass_pages: int) -> _Split:
+    """The segments walked by id, read whole and counted.
+
+    First the soonest time by which every segment can be checked. Within it, or within the
+    walks' first steady window if that is later: ids are walked where they fit (light pages,
+    exact), the largest segments counted where they do not, and only what neither can take in
+    time is read whole (its pages carry whole profiles). Counting everything always fits in
+    its own time, and more time never makes a split impossible, so the soonest is found by
+    bisection.
     """
     ordered = sorted(segments, key=lambda segment: (segment.pages, segment.segment_id))
-    pages_of_smallest = [0]
-    for segment in ordered:
-        pages_of_smallest.append(pages_of_smallest[-1] + segment.pages)
-
-    def seconds(walked: int) -> float:
-        return max(
-            walk_quota.seconds_for(pages_of_smallest[walked]),
-            count_quota.seconds_for(len(ordered) - walked),
-        )
-
-    soonest = min(seconds(walked) for walked in range(len(ordered) + 1))
-    allowed = max(soonest, walk_quota.window_seconds)
-    walked = max(k for k in range(len(ordered) + 1) if seconds(k) <= allowed)
-    return ordered[:walked], ordered[walked:], seconds(walked)
-
-
-@dataclass(frozen=True)
-class ProfileCount:
-    """Klaviyo's `profile_count` of a segment, and when it was answered."""
-
-    value: Optional[int]
-    answered_at: datetime
+    latest = max(
+        policy.count_quota.seconds_for(len(ordered)), policy.pass_quota.seconds_for(pass_pages)
+    )
+    soonest = _within(ordered, policy, pass_pages, latest)
+    assert soonest is not None, "counting every segment always fits its own time"
+    earliest = 0.0
+    for _ in range(BISECTIONS):
+        middle = (earliest + latest) / 2
+        found = _within(ordered, policy, pass_pages, middle)
+        if found is None:
+            earliest = middle
+        else:
+            latest, soonest = middle, found
+    allowed = max(soonest.seconds, policy.walk_quota.window_seconds)
+    walks_and_counts = _walks_and_fewest_counts(ordered, policy, pass_pages, allowed)
+    if walks_and_counts is not None:
+        return walks_and_counts
+    within = _within(ordered, policy, pass_pages, allowed)
+    return within if within is not None else soonest
 
 
-def count_differs(count: ProfileCount, held_count: int, join_times: Sequence[datetime]) -> bool:
-    """Whether a count disagrees with the members held plus the joins it can have seen.
-
-    The count may be asked before or after the incremental pass: joins dated after it was
-    answered are not in it and are left out. A join dated before it but not visible to it yet
-    only calls for a walk that finds nothing.
-    """
-    if count.value is None:
-        return False  # Klaviyo gave no figure: leaves wait for the scheduled full walk
-    counted_until = count.answered_at + COUNT_CLOCK_MARGIN
-    joined = sum(1 for joined_at in join_times if joined_at <= counted_until)
-    return count.value != held_count + joined
-
-
-def count_in_background(
-    client: KlaviyoClient, segment_ids: Sequence[str]
-) -> Dict[str, "Future[ProfileCount]"]:
-    """Ask each segment's `profile_count`, in order, in a thread of its own; a future each.
-
-    A request that fails leaves its error in its future, for that segment's walk to raise.
-    Authentication and permission errors would fail every count alike: they end the thread.
-    """
-    futures: Dict[str, Future[ProfileCount]] = {sid: Future() for sid in segment_ids}
-    if futures:
-        threading.Thread(
-            target=_count_each,
-            args=(client, futures),
-            name="klaviyo-profile-counts",
-            daemon=True,
-        ).start()
-    return futures
+def _within(
+    ordered: Sequence[SegmentToCheck], policy: LeavePolicy, pass_pages: int, seconds: float
+) -> Optional[_Split]:
+    """A split done within `seconds`: the largest segments counted as far as the counts' quota
+    allows, the others walked or read whole; None if they do not fit."""
+    counting = min(len(ordered), policy.count_quota.requests_within(seconds))
+    can_read = policy.pass_quota.requests_within(seconds) - pass_pages
+    listed = ordered[: len(ordered) - counting]
+    shared = _share_out(listed, policy.walk_quota.requests_within(seconds), max(0, can_read))
+    if can_read < 0 or shared is None:
+        return None
+    return _timed(policy, pass_pages, *shared, ordered[len(listed) :])
 
 
-def _count_each(client: KlaviyoClient, futures: Mapping[str, "Future[ProfileCount]"]) -> None:
-    pending = list(futures.items())
-    for position, (segment_id, future) in enumerate(pending):
-        try:
-            document = client.get_segment(segment_id, additional_fields_segment=["profile_count"])
-        except (KlaviyoAuthenticationError, KlaviyoPermissionError) as error:
-            for _, unanswered in pending[position:]:
-                unanswered.set_exception(error)
-            return
-        except Exception as error:  # the segment's walk raises it, and fails as it would have
-            future.set_exception(error)
-            continue
-        future.set_result(ProfileCount(_profile_count(document), datetime.now(timezone.utc)))
+def _walks_and_fewest_counts(
+    ordered: Sequence[SegmentToCheck], policy: LeavePolicy, pass_pages: int, seconds: float
+) -> Optional[_Split]:
+    """The split done within `seconds` without reading any segment whole that counts fewest
+    (the largest), or None if there is none. Counting one more never makes the rest harder to
+    walk."""
+    can_walk = policy.walk_quota.requests_within(seconds)
+
+    def walked(counting: int) -> Optional[Tuple[List[SegmentToCheck], List[SegmentToCheck]]]:
+        return _share_out(ordered[: len(ordered) - counting], can_walk, 0)
+
+    can_count = min(len(ordered), policy.count_quota.requests_within(seconds))
+    if walked(can_count) is None:
+        return None
+    fewest, most = 0, can_count
+    while fewest < most:
+        middle = (fewest + most) // 2
+        if walked(middle) is None:
+            fewest = middle + 1
+        else:
+            most = middle
+    shared = walked(fewest)
+    assert shared is not None
+    return _timed(policy, pass_pages, *shared, ordered[len(ordered) - fewest :])
 
 
-def _profile_count(document: Mapping[str, object]) -> Optional[int]:
-    data = document.get("data")
-    attributes = data.get("attributes") if isinstance(data, dict) else None
-    value = attributes.get("profile_count") if isinstance(attributes, dict) else None
-    return value if isinstance(value, int) else None
+def _timed(
+    policy: LeavePolicy,
+    pass_pages: int,
+    walked: Sequence[SegmentToCheck],
+    read: Sequence[SegmentToCheck],
+    counted: Sequence[SegmentToCheck],
+) -> _Split:
+    """A split and how long its quotas take, each at once: the passes with the whole reads,
+    the id walks, the counts."""
+    seconds = max(
+        policy.walk_quota.seconds_for(_pages(walked)),
+        policy.pass_quota.seconds_for(pass_pages + _pages(read) - len(read)),
+        policy.count_quota.seconds_for(len(counted)),
+    )
+    return _Split(tuple(walked), tuple(read), tuple(counted), seconds)
+
+
+def _share_out(
+    segments: Sequence[SegmentToCheck], can_walk: int, can_read: int
+) -> Optional[Tuple[List[SegmentToCheck], List[SegmentToCheck]]]:
+    """Segments walked by id and read whole within those many pages, or None if they do not
+    fit. The walks take the largest that fit (ids make light pages); the rest is read whole,
+    which beyond the one request of its pass costs a page less than a walk."""
+    walked: List[SegmentToCheck] = []
+    read: List[SegmentToCheck] = []
+    for segment in reversed(segments):
+        if segment.pages <= can_walk:
+            walked.append(segment)
+            can_walk -= segment.pages
+        else:
+            read.append(segment)
+    if sum(segment.pages - 1 for segment in read) > can_read:
+        return None
+    return walked[::-1], read[::-1]

@@ -47,10 +47,11 @@ from .errors import (
 )
 from .filters import joined_after, profile_id_in
 from .held import HeldData, HeldMembership
-from .leave_checks import LeaveCheck, ProfileCount, count_differs
+from .leave_checks import LeaveCheck
 from .member_pages import Member
 from .members_this_run import MembersThisRun, Sighting
 from .page_diff import diff_page, ended_membership, worth_a_look
+from .profile_counts import ProfileCount, count_differs
 from .rows import Row, parse_datetime
 from .segment_listing import ListedSegment
 from .walk_tables import WalkBatch

@@ -23,14 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 from .client import KlaviyoClient
 from .errors import KlaviyoConfigError, KlaviyoNotFound
 from .filters import SegmentSelection
-from .leave_checks import (
-    LeaveCheck,
-    LeavePolicy,
-    ProfileCount,
-    SegmentToCheck,
-    count_in_background,
-    plan_leave_checks,
-)
+from .leave_checks import LeaveCheck, LeavePolicy, SegmentToCheck, plan_leave_checks
+from .profile_counts import ProfileCount, count_in_background
 from .run import Run
 
 logger = logging.getLogger(__name__)

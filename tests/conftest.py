@@ -85,14 +85,17 @@ def source_for(simulator: KlaviyoSimulator) -> Callable[..., Any]:
 
 
 @pytest.fixture
-def walks_of_ten_pages_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Leave checks plan with id walks of ten pages a minute: walking the large segments of the
-    test account would then take longer than counting them, as Klaviyo's limits make it for an
-    account of hundreds of large segments."""
+def counting_pays(account: Account, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leave checks plan with the room an account of hundreds of segments leaves at Klaviyo's
+    limits: ten pages of ids a minute, and three pages a minute beyond the passes' requests.
+    Listing the test account's largest segments would then take longer than counting them."""
     for_account = LeavePolicy.for_account
 
-    def with_slow_walks(*args: Any, **kwargs: Any) -> LeavePolicy:
-        policy = for_account(*args, **kwargs)
-        return dataclasses.replace(policy, walk_quota=Quota(per_second=75, per_minute=10))
+    def with_little_room(*args: Any, **kwargs: Any) -> LeavePolicy:
+        return dataclasses.replace(
+            for_account(*args, **kwargs),
+            walk_quota=Quota(per_second=75, per_minute=10),
+            pass_quota=Quota(per_second=75, per_minute=len(account.segments()) + 3),
+        )
 
-    monkeypatch.setattr(LeavePolicy, "for_account", staticmethod(with_slow_walks))
+    monkeypatch.setattr(LeavePolicy, "for_account", staticmethod(with_little_room))

@@ -88,7 +88,7 @@ def test_leaves_in_small_and_large_segments_are_all_found_by_the_next_run(
     simulator: KlaviyoSimulator,
     source_for: Callable,
     make_pipeline: Callable,
-    walks_of_ten_pages_a_minute: None,
+    counting_pays: None,
 ) -> None:
     """A one-page segment is read whole by its pass, small segments have their ids walked, the
     two largest are counted (their counts differ, so their ids are walked too)."""
@@ -191,7 +191,7 @@ def test_a_leave_a_late_join_hides_from_the_count_is_found_by_the_scheduled_full
     simulator: KlaviyoSimulator,
     source_for: Callable,
     make_pipeline: Callable,
-    walks_of_ten_pages_a_minute: None,
+    counting_pays: None,
 ) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
