@@ -20,7 +20,9 @@ small segments and counting for the largest. The plan finds the earliest time by
 segment can be checked, the three quotas working at once: the largest counted, the others' ids
 walked, and those the walks' quota cannot take in time read whole from what the passes leave.
 Within that time, or within the walks' first steady window if that is later (it costs no
-waiting), it counts as few segments as it can, since a listing misses nothing.
+waiting), ids are walked wherever they fit, since a listing misses nothing; the largest segments
+are counted where they do not; and only what neither takes in time is read whole, since its
+pages carry whole profiles.
 
 What a count cannot see (a leave and a late join) and what no id walk can (a re-join dated
 behind the lookback window: the id stays) is caught by each segment's scheduled read whole
