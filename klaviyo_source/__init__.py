@@ -4,11 +4,14 @@ Tables: `segments` (merge on id, `deleted_at` once Klaviyo no longer has it), `t
 `segment_tags` (current links), `segment_memberships` (one row per segment and profile, merged
 on `membership_id`) and `profiles` (merged on id). Memberships load incrementally on
 `joined_group_at` with one cursor per segment in dlt state, at
-`sources.klaviyo.resources.segment_memberships.joined_group_at.<segment id>`.
+`sources.klaviyo.resources.segment_memberships.joined_group_at.<segment id>`; `profile_refresh`
+keeps the held profiles current from a cursor on their `updated`.
+`segment_reports_daily` holds Klaviyo's own daily figures per segment (merged on `report_id`),
+from before the first export on (see `segment_reports`).
 """
 
 from datetime import datetime, timezone
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import dlt
 from dlt.extract import DltResource
@@ -19,6 +22,7 @@ from .errors import KlaviyoConfigError
 from .filters import segment_selection
 from .leave_checks import LeavePolicy
 from .memberships import MembershipOptions, sync_listed_segment
+from .profile_refresh import profile_lookback, refresh_profiles
 from .rate_limits import RateLimiter
 from .rows import (
     SEGMENT_COLUMNS,
@@ -30,8 +34,15 @@ from .rows import (
     segment_tag_ids,
     tag_row,
 )
-from .run import start_run
+from .run import RunStart
 from .segment_listing import ListedSegment, list_segments
+from .segment_reports import (
+    REPORT_COLUMNS,
+    ReportOptions,
+    SegmentsListed,
+    daily_segment_reports,
+    reports_wanted,
+)
 from .walk_tables import declare_walk_tables
 
 __all__ = ["klaviyo", "KlaviyoClient", "KlaviyoConfigError"]
@@ -51,10 +62,13 @@ def klaviyo(
     include_profiles: bool = True,
     profile_additional_fields: Optional[List[str]] = None,
     lookback_minutes: float = settings.DEFAULT_LOOKBACK.total_seconds() / 60,
+    profile_lookback_minutes: float = settings.DEFAULT_PROFILE_LOOKBACK.total_seconds() / 60,
     reconcile: str = settings.DEFAULT_RECONCILE,
     full_reconcile_every_hours: Optional[float] = (
         settings.DEFAULT_FULL_RECONCILE_EVERY.total_seconds() / 3600
     ),
+    segment_reports: bool = True,
+    segment_reports_start: Optional[str] = None,
     rate_limit_share: float = 1.0,
     rate_limit_time_scale: float = 1.0,
     allow_insecure_http: bool = False,
@@ -69,10 +83,15 @@ def klaviyo(
         include_profiles: False loads memberships only (`fields[profile]=joined_group_at`).
         profile_additional_fields: Any of "subscriptions", "predictive_analytics" (stricter limits).
         lookback_minutes: How far behind each segment's cursor a run looks again for late joins.
+        profile_lookback_minutes: How far behind its cursor the profile refresh lists again.
         reconcile: How leaves are found: "counts" (check every segment each run: walk the
             member ids of small ones, count the largest), "all" (read every segment whole
             now), "off" (only the scheduled full walks).
         full_reconcile_every_hours: Walk each segment in full at least this often; None: never.
+        segment_reports: Load Klaviyo's daily segment reports into `segment_reports_daily`
+            (from revision 2024-10-15; 225 requests a day, spent over as many runs as needed).
+        segment_reports_start: First day (YYYY-MM-DD) of those reports; unset: 2023-06-01,
+            the first day Klaviyo has.
         rate_limit_share: Share of the account's published rate limits this source may use.
         rate_limit_time_scale: Speed-up of a simulator's clock; 1 against Klaviyo.
         allow_insecure_http: Accept a plain http base_url on another machine (the key would
@@ -99,15 +118,26 @@ def klaviyo(
         rate_limit_share,
         pass_tier="M" if "predictive_analytics" in (options.additional_fields() or []) else "L",
     )
+    refresh_lookback = profile_lookback(profile_lookback_minutes)
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
+    report_options = ReportOptions.from_config(selection.filter, segment_reports_start)
+    listed_for_reports = SegmentsListed()
     started = datetime.now(timezone.utc)
+    run_start = RunStart(started, WALKING_RESOURCE)
 
     @dlt.resource(name="segment_listing", selected=False)
     def segment_listing() -> Iterator[ListedSegment]:
         # Run setup, in the pipeline's thread before any segment is walked: everything the
         # parallel walks need from dlt is read here, once, and travels with each segment.
-        run = start_run(started, WALKING_RESOURCE)
-        yield from list_segments(client, selection, segment_ids or [], run, leave_policy)
+        run = run_start()
+        yield from list_segments(
+            client,
+            selection,
+            segment_ids or [],
+            run,
+            leave_policy,
+            on_listed=listed_for_reports.publish,
+        )
 
     @dlt.transformer(
         data_from=segment_listing,
@@ -147,4 +177,25 @@ def klaviyo(
     def segment_memberships(listed: ListedSegment) -> Iterator[object]:
         yield from sync_listed_segment(client, listed, options)
 
-    return segments, tags, segment_tags, declare_walk_tables(segment_memberships)
+    @dlt.resource(
+        name=settings.SEGMENT_REPORTS_TABLE,
+        write_disposition="merge",
+        primary_key="report_id",
+        columns=REPORT_COLUMNS,
+        selected=reports_wanted(segment_reports, revision),
+    )
+    def segment_reports_daily() -> Iterator[Any]:
+        # Runs in the pipeline's thread, which alone touches its state; requests go to workers.
+        yield from daily_segment_reports(client, report_options, started, listed_for_reports)
+
+    # Keeps the held profiles current; shares the run with the walks (see profile_refresh).
+    @dlt.resource(name=settings.PROFILE_REFRESH_RESOURCE)
+    def profile_refresh() -> Iterator[Any]:
+        yield from refresh_profiles(
+            client, run_start, refresh_lookback, options.additional_fields()
+        )
+
+    walks = declare_walk_tables(segment_memberships)
+    if not options.include_profiles:
+        return segments, tags, segment_tags, walks, segment_reports_daily
+    return segments, tags, segment_tags, walks, profile_refresh, segment_reports_daily

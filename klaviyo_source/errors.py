@@ -176,6 +176,16 @@ class KlaviyoRateLimited(KlaviyoAPIError):
     )
 
 
+class KlaviyoDailyQuotaSpent(KlaviyoAPIError):
+    """A 429 whose wait outlasts the steady window: the endpoint's daily quota is spent.
+
+    Not a `KlaviyoRateLimited`, which is waited out and retried: this one ends the day's
+    requests to that endpoint at once.
+    """
+
+    hint = "The endpoint's daily quota is spent; a run after it resets goes on from here."
+
+
 class KlaviyoServerError(KlaviyoAPIError):
     hint = "Klaviyo kept failing after all retries; run again later."
 
@@ -203,3 +213,13 @@ def error_for_response(response: Response) -> KlaviyoAPIError:
     status = response.status_code
     error_class = _BY_STATUS.get(status, KlaviyoServerError if status >= 500 else KlaviyoAPIError)
     return error_class(response, first)
+
+
+# What a server answers for an endpoint it does not serve: a revision before the endpoint, or a
+# proxy or stand-in without it.
+_NOT_SERVED_STATUSES = frozenset({404, 405, 501})
+
+
+def endpoint_not_served(error: Optional[BaseException]) -> bool:
+    """Whether an error says the endpoint does not exist there, rather than that it failed."""
+    return isinstance(error, KlaviyoAPIError) and error.status in _NOT_SERVED_STATUSES

@@ -40,9 +40,11 @@ from dlt.extract import DltSource
 from dlt.pipeline.exceptions import PipelineStepFailed
 from dlt.pipeline.helpers import pipeline_drop
 
+from . import settings
 from .errors import KlaviyoError
 from .process_memory import managed_for_an_export
-from .settings import WALK_BATCH_PROFILES
+from .segment_reports import failed_segment_reports
+from .settings import SEGMENT_REPORTS_TABLE, WALK_BATCH_PROFILES
 from .summary import failed_segments, membership_summary
 from .views import create_views
 
@@ -145,8 +147,9 @@ class KlaviyoExport:
     def run(self, data: DltSource) -> ExportReport:
         """Export the source once; raise `ExportFailed` (one line) if anything failed.
 
-        A run whose load completed but where some segments failed still refreshes the views;
-        the error then carries the report, and those segments keep their cursors.
+        A run whose load completed but where some segments (or the segment reports) failed
+        still refreshes the views; the error then carries the report, and those segments keep
+        their cursors.
         """
         pipeline = self.pipeline
         file_format = self.loader_file_format or ("parquet" if _is_duckdb(pipeline) else None)
@@ -169,14 +172,30 @@ class KlaviyoExport:
                 report = ExportReport(load_info, membership_summary(pipeline), views)
         except (DltException, KlaviyoError) as error:
             raise ExportFailed(one_line(error)) from error
+        problems = []
         failures = failed_segments(pipeline)
         if failures:
-            raise ExportFailed(
-                f"{len(failures)} segment(s) failed and keep their cursors for the next run: "
-                + "; ".join(failures.values()),
-                report,
-            )
+            problems.append(failure_line(failures))
+        # A failure stays in state until the reports run again: only this run's counts.
+        if SEGMENT_REPORTS_TABLE in data.selected_resources:
+            problems.extend(filter(None, [failed_segment_reports(pipeline)]))
+        if problems:
+            raise ExportFailed(" ".join(problems), report)
         return report
+
+
+def failure_line(failures: Dict[str, str]) -> str:
+    """One line for the parts of a run that failed: segments by count, the refresh by name."""
+    segments = [key for key in failures if key != settings.PROFILE_REFRESH_FAILURE]
+    failed = []
+    if segments:
+        failed.append(f"{len(segments)} segment(s)")
+    if settings.PROFILE_REFRESH_FAILURE in failures:
+        failed.append("the profile refresh")
+    return (
+        f"{' and '.join(failed)} failed; the next run reads again from the cursors kept: "
+        + "; ".join(failures.values())
+    )
 
 
 def _is_duckdb(pipeline: dlt.Pipeline) -> bool:

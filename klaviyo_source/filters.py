@@ -5,7 +5,7 @@ Values are quoted the way Klaviyo's filter grammar wants them: strings in double
 """
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import List, Optional, Sequence, Tuple
 
 
@@ -30,6 +30,19 @@ def joined_after(since: datetime) -> str:
 def profile_id_in(profile_ids: Sequence[str]) -> str:
     """Members among these profiles (revision 2025-10-15 on; see settings)."""
     return f"any(profile_id,[{','.join(quoted(value) for value in profile_ids)}])"
+
+
+def updated_since(since: datetime) -> str:
+    """Profiles updated at `since` or later.
+
+    `greater-than` is strict and filters take whole seconds: a bound one second before the
+    rounded-down `since` keeps a profile updated at exactly `since`, even a whole second.
+    """
+    return f"greater-than(updated,{filter_datetime(since - timedelta(seconds=1))})"
+
+
+def any_id(ids: Sequence[str]) -> str:
+    return f"any(id,[{','.join(quoted(value) for value in ids)}])"
 
 
 def all_of(expressions: Sequence[str]) -> Optional[str]:

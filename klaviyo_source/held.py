@@ -40,9 +40,22 @@ class HeldMembership:
     last_seen_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class HeldProfile:
+    """What the destination holds of one profile: when Klaviyo last updated it, as loaded,
+    and whether it was found deleted."""
+
+    updated: Optional[datetime]
+    deleted: bool
+
+
 _MEMBERSHIP_COLUMNS = ("profile_id", "joined_group_at", "first_seen_at", "last_seen_at")
 _CURRENT = "segment_id = %s AND is_member"
-_KEYS = {settings.SEGMENTS_TABLE: "id", settings.MEMBERSHIPS_TABLE: "membership_id"}
+_KEYS = {
+    settings.SEGMENTS_TABLE: "id",
+    settings.MEMBERSHIPS_TABLE: "membership_id",
+    settings.PROFILES_TABLE: "id",
+}
 # Every table whose rows or columns a run reads back.
 _TABLES = (
     settings.SEGMENTS_TABLE,
@@ -195,6 +208,45 @@ class HeldData:
             while cursor is not None and (chunk := cursor.fetchmany(FETCH_ROWS)):
                 joined.update(chunk)
         return joined
+
+    def profiles_among(self, profile_ids: Sequence[str]) -> Dict[str, HeldProfile]:
+        """The held profiles among `profile_ids`, by id."""
+        held: Dict[str, HeldProfile] = {}
+        deleted = self._deleted_column()
+        for start in range(0, len(profile_ids), LOOKUP_IDS):
+            some = profile_ids[start : start + LOOKUP_IDS]
+            marks = ", ".join(["%s"] * len(some))
+            sql = f"SELECT id, updated, {deleted} FROM {{table}} WHERE id IN ({marks})"
+            for profile_id, updated, deleted_at in self._fetch(
+                settings.PROFILES_TABLE, ("id", "updated"), sql, *some
+            ):
+                held[profile_id] = HeldProfile(updated, deleted_at is not None)
+        return held
+
+    def live_profile_ids(self, after: str, limit: int) -> List[str]:
+        """Up to `limit` held profiles not found deleted, the next by id after `after`."""
+        sql = (
+            f"SELECT id FROM {{table}} WHERE {self._deleted_column()} IS NULL AND id > %s "
+            f"ORDER BY id LIMIT {int(limit)}"
+        )
+        rows = self._fetch(settings.PROFILES_TABLE, ("id",), sql, after)
+        return [profile_id for (profile_id,) in rows]
+
+    def profiles_that_left(self, since: datetime) -> List[str]:
+        """Profiles none of whose held memberships is current, the last ended at `since` or
+        later."""
+        sql = (
+            "SELECT profile_id FROM {table} GROUP BY profile_id "
+            "HAVING MAX(CASE WHEN is_member THEN 1 ELSE 0 END) = 0 AND MAX(left_at_latest) >= %s"
+        )
+        needs = ("profile_id", "is_member", "left_at_latest")
+        rows = self._fetch(settings.MEMBERSHIPS_TABLE, needs, sql, since)
+        return [profile_id for (profile_id,) in rows]
+
+    def _deleted_column(self) -> str:
+        # Profiles loaded before deletions were marked have no such column yet.
+        held = self._known_columns(settings.PROFILES_TABLE)
+        return "deleted_at" if "deleted_at" in held else "NULL"
 
     def members_among(
         self, segment_id: str, profile_ids: Sequence[str]

@@ -8,6 +8,11 @@ the walk ran) is loaded once.
 
 Each profile id is kept once, with one bit for every segment it was listed in: about 150
 bytes a profile, where a set of ids per segment walk cost about 115 bytes a membership.
+
+The profile refresh (`profile_refresh`) writes profile rows too. It claims a profile's row
+here, with a bit of its own, before writing it: a profile a walk listed first is left to the
+walk, and a walk that lists a claimed profile writes its membership but not its profile row.
+Either way one load holds each profile row once.
 """
 
 import enum
@@ -21,6 +26,10 @@ class Sighting(enum.Enum):
     REPEAT = "listed before in this segment"
     NEW_MEMBERSHIP = "first listing in this segment of a profile listed in another"
     NEW_PROFILE = "first listing of the profile in this run"
+
+
+# The bit of a profile whose row the profile refresh wrote; segments take the bits above it.
+_REFRESHED = 1
 
 
 class MembersThisRun:
@@ -51,8 +60,20 @@ class MembersThisRun:
             bit = self._bit(segment_id)
             return [bool(self._profile_segments.get(pid, 0) & bit) for pid in profile_ids]
 
+    def claim_profiles(self, profile_ids: Sequence[str]) -> List[bool]:
+        """For the profile refresh: whether each profile's row is still to be written in
+        this run, claiming it if so. A profile a walk listed, or claimed before, is not."""
+        with self._lock:
+            claimed = []
+            for profile_id in profile_ids:
+                free = profile_id not in self._profile_segments
+                if free:
+                    self._profile_segments[profile_id] = _REFRESHED
+                claimed.append(free)
+            return claimed
+
     def _bit(self, segment_id: str) -> int:
         bit = self._segment_bits.get(segment_id)
         if bit is None:
-            bit = self._segment_bits[segment_id] = 1 << len(self._segment_bits)
+            bit = self._segment_bits[segment_id] = _REFRESHED << (len(self._segment_bits) + 1)
         return bit

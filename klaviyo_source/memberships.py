@@ -54,7 +54,7 @@ from .page_diff import diff_page, ended_membership, worth_a_look
 from .profile_counts import ProfileCount, count_differs
 from .rows import Row, parse_datetime
 from .segment_listing import ListedSegment
-from .walk_tables import WalkBatch
+from .walk_batch import WalkBatch
 
 logger = logging.getLogger(__name__)
 

@@ -32,6 +32,8 @@ _THROTTLED_IN = re.compile(r"available in (\d+) second")
 # Klaviyo's POST/PATCH segment limit (klaviyo-api.md §4): the XS tier plus 100 a day.
 WRITE_TIER = "WRITE"
 WRITES_PER_DAY = 100
+# Klaviyo's segment reports: 1/s, 2/m and a daily cap (settings.REPORTS_PER_DAY).
+REPORT_TIER = "REPORT"
 _DAY_SECONDS = 86400.0
 # Longest pause a `Retry-After` or `RateLimit-Reset` can credibly ask for: the steady window.
 # Resuming earlier than Klaviyo says only collects another 429, so these are not cut to
@@ -70,6 +72,8 @@ def budgets_for(method: str, url: str) -> List[Budget]:
     query = parse_qs(parts.query)
     if not segments:
         return []
+    if method == "POST" and segments == ["segment-series-reports"]:
+        return [Budget("query_segment_series", REPORT_TIER)]
     if method == "POST":
         return [Budget("create_segment", WRITE_TIER)]
     if method == "PATCH":
@@ -106,6 +110,9 @@ def tier_windows(tier: str, revision: str = settings.DEFAULT_REVISION) -> List[T
     if tier == WRITE_TIER:
         per_second, per_minute = settings.RATE_TIERS["XS"]
         return [(per_second, 1.0), (per_minute, 60.0), (WRITES_PER_DAY, _DAY_SECONDS)]
+    if tier == REPORT_TIER:
+        per_second, per_minute = settings.RATE_TIERS[REPORT_TIER]
+        return [(per_second, 1.0), (per_minute, 60.0), (settings.REPORTS_PER_DAY, _DAY_SECONDS)]
     per_second, per_minute = settings.RATE_TIERS[tier]
     if tier == "L" and revision[:10] < settings.L_TIER_STEADY_RAISED_IN:
         per_minute = settings.L_TIER_STEADY_BEFORE

@@ -82,6 +82,14 @@ def profile_row(profile_id: str, attributes: Dict[str, Any]) -> Row:
 _FLATTENED_PROFILE_OBJECTS = ("location", "predictive_analytics")
 
 
+def deleted_profile_row(profile_id: str, deleted_at: datetime) -> Row:
+    """A profile Klaviyo no longer has: its id and when that was found, nothing else.
+
+    Klaviyo deletes a profile on a data-privacy request; its attributes go with it here too.
+    """
+    return {"id": profile_id, "deleted_at": deleted_at}
+
+
 def _json_text(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
@@ -177,6 +185,8 @@ PROFILE_COLUMNS: TTableSchemaColumns = {
     "location__longitude": {"data_type": "double"},
     "properties": {"data_type": "json"},
     "subscriptions": {"data_type": "json"},
+    # When this pipeline found the profile gone from Klaviyo; its attributes are emptied then.
+    "deleted_at": {"data_type": "timestamp"},
 }
 # Types of the profile columns that exist only when `predictive_analytics` is asked for.
 PROFILE_OPTIONAL_TYPES: Dict[str, str] = {

@@ -17,20 +17,25 @@ starts and before it yields the first segment. From then on the walks touch only
 
 The client (`KlaviyoClient`) is shared too: each thread has its own session, and the rate
 limiter they share guards its budgets with locks of its own.
+
+The profile refresh (`profile_refresh`) shares the same `Run`: whichever of its resource and
+the segment listing dlt starts first starts the run (`RunStart`), both in the pipeline's
+thread.
 """
 
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, Optional
+from typing import Any, Dict, FrozenSet, Optional
 
 import dlt
 
 from . import settings
+from .arrow_tables import quiet_json_column_notices
 from .held import HeldData
 from .members_this_run import MembersThisRun
 from .rows import parse_datetime
-from .walk_tables import WALK_TABLES, declare_walk_tables, quiet_json_column_notices
+from .walk_tables import WALK_TABLES, declare_walk_tables
 
 
 class SegmentProgress:
@@ -124,6 +129,26 @@ class Run:
     held: HeldData
     members: MembersThisRun
     progress: SegmentProgress
+    # Walk tables appended to in this run rather than merged into (see walk_tables).
+    appended: FrozenSet[str] = frozenset()
+
+
+class RunStart:
+    """The run's `Run`, started by the first resource that asks; pipeline thread only.
+
+    A source object may be extracted more than once: a new load id starts a new run.
+    """
+
+    def __init__(self, started: datetime, walking_resource: str) -> None:
+        self._started = started
+        self._walking_resource = walking_resource
+        self._run: Optional[Run] = None
+
+    def __call__(self) -> Run:
+        load_id = dlt.current.load_package_state()["load_id"]
+        if self._run is None or self._run.load_id != load_id:
+            self._run = start_run(self._started, self._walking_resource)
+        return self._run
 
 
 def start_run(started: datetime, walking_resource: str) -> Run:
@@ -131,9 +156,9 @@ def start_run(started: datetime, walking_resource: str) -> Run:
     tables for this run."""
     held = HeldData.of_current_pipeline()
     # Tables the destination holds no row of are appended to rather than merged into.
-    appended = {
+    appended = frozenset(
         name for name in WALK_TABLES if name not in held.tables or not held.tables[name].has_rows
-    }
+    )
     # The run has set its file format by now, on the source's copy of the resource.
     declare_walk_tables(dlt.current.source().resources[walking_resource], appended)
     quiet_json_column_notices(walking_resource)
@@ -145,4 +170,5 @@ def start_run(started: datetime, walking_resource: str) -> Run:
         progress=SegmentProgress(
             dlt.current.resource_state(walking_resource), dlt.current.source_state()
         ),
+        appended=appended,
     )

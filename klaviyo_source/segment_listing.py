@@ -18,7 +18,7 @@ import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from .client import KlaviyoClient
 from .errors import KlaviyoConfigError, KlaviyoNotFound
@@ -69,12 +69,14 @@ def list_segments(
     configured_ids: Sequence[str],
     run: Run,
     leave_policy: LeavePolicy,
+    on_listed: Optional[Callable[[List[ListedSegment]], None]] = None,
 ) -> Iterator[ListedSegment]:
     """Yield every selected live segment, then every held segment that was deleted.
 
     The listing is read whole before anything is yielded, so that a misconfigured segment id
     or name fails the run before any segment is walked, and so that the leave checks are
-    planned over every segment.
+    planned over every segment. `on_listed` then gets the live ones at once (the segment reports
+    need them all, not one at a time).
     """
     held = run.held
     counts = held.member_counts()
@@ -106,6 +108,8 @@ def list_segments(
     if unknown_ids or unlisted_names:
         _fail_on_unknown(client, unknown_ids, unlisted_names)
     run.progress.expect(len(live))
+    if on_listed is not None:
+        on_listed(live)
     yield from _with_leave_checks(client, live, run, leave_policy)
     for segment_id, held_row in held_live.items():
         if segment_id in listed:

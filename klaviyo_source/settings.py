@@ -4,7 +4,7 @@ Everything that is a fact about Klaviyo's API, or a default a user may override 
 `.dlt/config.toml`, lives here and nowhere else.
 """
 
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Dict, Final, Tuple
 
 DEFAULT_BASE_URL: Final = "https://a.klaviyo.com"
@@ -15,12 +15,21 @@ MEDIA_TYPE: Final = "application/vnd.api+json"
 SEGMENT_PROFILES_PAGE_SIZE: Final = 100
 # Largest page of GET /api/profiles (its default is 20).
 PROFILES_PAGE_SIZE: Final = 100
+# Profile ids one `any(id,[...])` filter names: one page answers it whole. Klaviyo documents
+# no longer limit for the list; a page's worth keeps each request's URL a few KB.
+PROFILE_IDS_PER_REQUEST: Final = 100
 
 # A late-visible join (one whose joined_group_at is older than the newest join already
 # seen) is caught when it lies within this window behind a segment's cursor. One hour covers
 # Klaviyo's asynchronous membership evaluation of a live segment while keeping a no-change
 # run at one request per segment; anything older is caught by reconciliation.
 DEFAULT_LOOKBACK: Final = timedelta(hours=1)
+
+# The profile refresh re-reads this far behind its cursor (the previous run's start). It
+# covers the time a Klaviyo profile edit takes to become visible to the `updated` filter and a
+# difference between this machine's clock and Klaviyo's; what it re-reads unchanged is not
+# loaded again, but costs one page per 100 profiles edited in the window.
+DEFAULT_PROFILE_LOOKBACK: Final = timedelta(minutes=10)
 
 # Rows a segment walk gathers before handing a table of them to dlt. dlt spends a fixed cost
 # on every Arrow table it receives (schema inference and validation, a parquet row group), so
@@ -70,13 +79,47 @@ RATE_TIERS: Final[Dict[str, Tuple[int, int]]] = {
     "M": (10, 150),
     "L": (75, 750),
     "XL": (350, 3500),
+    # POST /api/segment-series-reports (and -values-reports), with a daily cap on top.
+    "REPORT": (1, 2),
 }
+REPORTS_PER_DAY: Final = 225
+# Klaviyo's steady window: a 429 asking to wait longer than this is the daily cap speaking.
+STEADY_WINDOW_SECONDS: Final = 60.0
+
+# Klaviyo's segment reports (POST /api/segment-series-reports): the first revision that serves
+# them (the SDKs pinned to 2024-10-15 list them, those of 2024-07-15 do not), the first day
+# Klaviyo has figures for, and what one request may ask for.
+SEGMENT_REPORTS_SINCE: Final = "2024-10-15"
+SEGMENT_REPORTS_FIRST_DAY: Final = date(2023, 6, 1)
+SEGMENT_REPORT_MAX_DAYS: Final = 60
+SEGMENT_REPORT_MAX_SEGMENTS: Final = 100
+SEGMENT_REPORT_STATISTICS: Final[Tuple[str, ...]] = (
+    "members_added",
+    "members_removed",
+    "net_members_changed",
+    "total_members",
+)
+# Days before the newest one loaded that every run reads again: Klaviyo's growth figures trail
+# live membership (hours, at times a day or two), so a recent day's report may still change.
+SEGMENT_REPORTS_SETTLE_DAYS: Final = 3
 
 # State keys, kept stable: renaming one silently restarts every cursor.
 CURSORS_STATE_KEY: Final = "joined_group_at"
 RECONCILED_STATE_KEY: Final = "reconciled_at"
 IDS_WALKED_STATE_KEY: Final = "ids_walked_at"
 FAILURES_STATE_KEY: Final = "failed_segments"
+# The profile refresh's cursor, in its resource's state; and its key among the run's failures
+# (segment ids are alphanumeric, so it names no segment).
+PROFILES_CURSOR_STATE_KEY: Final = "updated"
+PROFILE_REFRESH_FAILURE: Final = "profile_refresh"
+
+# The resource that keeps held profiles current.
+PROFILE_REFRESH_RESOURCE: Final = "profile_refresh"
+# In the segment_reports_daily resource's state: the days loaded per segment, the times of the
+# report requests sent in the last day, and what stopped this run's reports, if anything.
+REPORT_DAYS_STATE_KEY: Final = "days_loaded"
+REPORT_REQUESTS_STATE_KEY: Final = "requests_sent"
+REPORT_FAILURE_STATE_KEY: Final = "failed"
 
 # Table names, shared by the resources and the reader of what the destination holds.
 SEGMENTS_TABLE: Final = "segments"
@@ -85,3 +128,4 @@ SEGMENT_TAGS_TABLE: Final = "segment_tags"
 MEMBERSHIPS_TABLE: Final = "segment_memberships"
 PERIODS_TABLE: Final = "segment_membership_periods"
 PROFILES_TABLE: Final = "profiles"
+SEGMENT_REPORTS_TABLE: Final = "segment_reports_daily"

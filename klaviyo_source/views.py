@@ -1,4 +1,5 @@
-"""SQL views over the loaded tables: current members, membership history, growth, joins/leaves.
+"""SQL views over the loaded tables: current members, membership history, growth, joins/leaves,
+and Klaviyo's own daily member counts beside this export's.
 
 The SQL is plain enough for DuckDB and PostgreSQL alike. `create_views` creates them in the
 pipeline's dataset after a load; `view_definitions` returns the same statements for any other
@@ -14,6 +15,7 @@ import logging
 from typing import Callable, Dict, List
 
 from dlt.common.pipeline import SupportsPipeline
+from dlt.common.schema.utils import has_table_seen_data
 from dlt.destinations.exceptions import DatabaseException
 
 from . import settings
@@ -27,10 +29,13 @@ MERGE_KEYS: Dict[str, str] = {
     settings.MEMBERSHIPS_TABLE: "membership_id",
     settings.PERIODS_TABLE: "period_id",
     settings.PROFILES_TABLE: "id",
+    settings.SEGMENT_REPORTS_TABLE: "report_id",
 }
 
 # How a re-join ends the period before it (rows.membership_row's `left_reason`).
 REJOINED = "rejoined"
+# Klaviyo's daily member counts beside this export's, when segment reports are loaded.
+SIZE_BESIDE_REPORTS = "segment_size_vs_klaviyo_daily"
 
 
 def appends_versions(pipeline: SupportsPipeline) -> bool:
@@ -139,21 +144,70 @@ SELECT segment_id, day, joins, leaves,
 FROM {view("segment_joins_leaves_daily")}"""
 
 
+def _size_beside_reports(table: Qualify, view: Qualify) -> str:
+    # Klaviyo's members at the end of each reported day beside this export's: the running sum
+    # of the joins and leaves of `segment_joins_leaves_daily` up to that day. Shown from the
+    # day of the segment's first export on; before it this export knows no leaves, so its
+    # figure would only count members still present at that export. A change row sorts before
+    # the report row of its day, so the sum includes that day's changes.
+    days = view("segment_joins_leaves_daily")
+    return f"""
+SELECT summed.segment_id, summed.day, summed.klaviyo_members,
+       CASE WHEN summed.day >= exported.first_day THEN summed.observed END AS observed_members,
+       CASE WHEN summed.day >= exported.first_day
+            THEN summed.observed - summed.klaviyo_members END AS members_difference,
+       summed.members_added, summed.members_removed,
+       CASE WHEN summed.day >= exported.first_day THEN COALESCE(changes.joins, 0) END AS joins,
+       CASE WHEN summed.day >= exported.first_day THEN COALESCE(changes.leaves, 0) END AS leaves,
+       s.name AS segment_name
+FROM (
+    SELECT day_rows.*, CAST(SUM(day_rows.delta) OVER (
+               PARTITION BY day_rows.segment_id ORDER BY day_rows.day, day_rows.is_report
+               ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW
+           ) AS BIGINT) AS observed
+    FROM (
+        SELECT segment_id, date AS day, total_members AS klaviyo_members, members_added,
+               members_removed, 0 AS delta, 1 AS is_report
+        FROM {table(settings.SEGMENT_REPORTS_TABLE)} AS reported
+        UNION ALL
+        SELECT segment_id, day, CAST(NULL AS BIGINT), CAST(NULL AS BIGINT),
+               CAST(NULL AS BIGINT), joins - leaves, 0
+        FROM {days} AS changed
+    ) AS day_rows
+) AS summed
+LEFT JOIN (
+    SELECT segment_id, MIN(CAST(first_seen_at AT TIME ZONE 'UTC' AS DATE)) AS first_day
+    FROM {table(settings.PERIODS_TABLE)} AS periods
+    GROUP BY segment_id
+) AS exported ON exported.segment_id = summed.segment_id
+LEFT JOIN {days} AS changes ON changes.segment_id = summed.segment_id AND changes.day = summed.day
+LEFT JOIN {table(settings.SEGMENTS_TABLE)} AS s ON s.id = summed.segment_id
+WHERE summed.is_report = 1"""
+
+
 def view_definitions(
-    qualify: Qualify, with_profiles: bool = True, newest_versions: bool = False
+    qualify: Qualify,
+    with_profiles: bool = True,
+    newest_versions: bool = False,
+    with_reports: bool = False,
 ) -> Dict[str, str]:
     """`CREATE VIEW` bodies by view name, in the order they must be created.
 
     `qualify` names a table or view. `newest_versions`: the merged tables hold every loaded
     version of a row (the filesystem destination's files), and the views read only the newest.
+    `with_reports`: `segment_reports_daily` is loaded, and Klaviyo's daily counts are set
+    beside this export's.
     """
     table = table_reader(qualify, newest_versions)
-    return {
+    definitions = {
         "current_segment_members": _current_members(table, with_profiles),
         "segment_membership_history": _history(table),
         "segment_joins_leaves_daily": _joins_leaves_daily(table),
         "segment_size_daily": _size_daily(qualify),
     }
+    if with_reports:
+        definitions[SIZE_BESIDE_REPORTS] = _size_beside_reports(table, qualify)
+    return definitions
 
 
 def create_views(pipeline: SupportsPipeline) -> List[str]:
@@ -176,8 +230,11 @@ def create_views(pipeline: SupportsPipeline) -> List[str]:
     if not getattr(client, "capabilities", None):
         return []
     with client:
+        reports = tables.get(settings.SEGMENT_REPORTS_TABLE)
         definitions = view_definitions(
-            client.make_qualified_table_name, with_profiles=settings.PROFILES_TABLE in tables
+            client.make_qualified_table_name,
+            with_profiles=settings.PROFILES_TABLE in tables,
+            with_reports=reports is not None and has_table_seen_data(reports),
         )
         created = []
         for name, body in definitions.items():
@@ -208,9 +265,16 @@ def _print_definitions() -> None:
         action="store_true",
         help="the tables hold every loaded version of a row (filesystem destination files)",
     )
+    parser.add_argument(
+        "--without-reports",
+        action="store_true",
+        help=f"{settings.SEGMENT_REPORTS_TABLE} is not loaded (segment_reports = false)",
+    )
     args = parser.parse_args()
     definitions = view_definitions(
-        lambda name: f"{args.schema}.{name}", newest_versions=args.newest_versions
+        lambda name: f"{args.schema}.{name}",
+        newest_versions=args.newest_versions,
+        with_reports=not args.without_reports,
     )
     for view, sql in definitions.items():
         print(f"CREATE OR REPLACE VIEW {args.schema}.{view} AS{sql};\n")

@@ -8,7 +8,15 @@ from datetime import datetime, timedelta, timezone
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import dlt
-from expected import loaded_memberships, query, true_memberships, utc
+from expected import (
+    loaded_memberships,
+    loaded_profiles,
+    member_ids,
+    query,
+    true_memberships,
+    true_profiles,
+    utc,
+)
 
 from klaviyo_source.simulator import Account, generate_account
 
@@ -102,7 +110,7 @@ def first_seen_at(pipeline: dlt.Pipeline) -> Dict[Key, datetime]:
 
 def change_account(account: Account, rng: random.Random, delete: bool) -> Changes:
     """Leaves, joins and re-joins in every settled segment with members (a processing one is
-    reconciled once it settles); with `delete`, one of them deleted."""
+    reconciled once it settles), and profile edits; with `delete`, one segment deleted."""
     processing = {sid for sid, segment in account.segments().items() if segment["is_processing"]}
     segments = sorted(
         sid for sid, members in account.memberships().items() if members and sid not in processing
@@ -115,6 +123,7 @@ def change_account(account: Account, rng: random.Random, delete: bool) -> Change
     profiles = sorted(account.profiles())
     left: Set[Key] = set()
     rejoined: Set[Key] = set()
+    joined: Set[str] = set()
     for segment_id in segments:
         members = sorted(account.members(segment_id))
         for profile_id in rng.sample(members, min(len(members) - 1, rng.randint(1, 5))):
@@ -130,7 +139,34 @@ def change_account(account: Account, rng: random.Random, delete: bool) -> Change
                 (segment_id, profile_id) not in left
             ):
                 account.join(segment_id, profile_id, at=joined_at)
+                joined.add(profile_id)
+    rejoining = {profile_id for _, profile_id in rejoined}
+    edit_profiles(account, rng, rejoining, rejoining | joined)
     return Changes(left, rejoined, deleted, deleted_members)
+
+
+def edit_profiles(
+    account: Account, rng: random.Random, rejoining: Set[str], listed: Set[str]
+) -> None:
+    """Edit held profiles that re-join (the next run's walks list them too: a walk or the
+    refresh writes the row, whichever comes first), members no walk lists (`listed` are
+    those a walk does; only the refresh sees the others) and profiles in no segment (kept out
+    of `profiles`)."""
+    members = member_ids(account)
+    quiet = sorted(members - listed)
+    outside = sorted(set(account.profiles()) - members)
+    edited = set(rng.sample(sorted(rejoining), min(4, len(rejoining))))
+    edited |= set(rng.sample(quiet, min(8, len(quiet))))
+    edited |= set(rng.sample(outside, min(2, len(outside))))
+    for profile_id in sorted(edited):
+        tag = rng.randrange(10**6)
+        account.update_profile(
+            profile_id,
+            email=f"edited.{tag}@example.com",
+            last_name=f"Edited {tag}",
+            location={"city": f"City {tag}", "latitude": rng.uniform(-60, 60)},
+            properties={"edit": tag},
+        )
 
 
 def assert_run_was_exact(
@@ -170,3 +206,17 @@ def assert_run_was_exact(
         )
     }
     assert changes.rejoined <= rejoin_closed
+    assert_profiles_are_current(pipeline, account)
+
+
+def assert_profiles_are_current(pipeline: dlt.Pipeline, account: Account) -> None:
+    """Every current member's profile row holds Klaviyo's attributes now; one row a profile,
+    and none of a profile that never was a member."""
+    members = member_ids(account)
+    loaded = loaded_profiles(pipeline)
+    assert {pid: loaded.get(pid) for pid in members} == true_profiles(account, members)
+    assert query(pipeline, "SELECT id FROM profiles GROUP BY id HAVING COUNT(*) > 1") == []
+    ever_members = {
+        pid for (pid,) in query(pipeline, "SELECT DISTINCT profile_id FROM segment_memberships")
+    }
+    assert set(loaded) <= ever_members

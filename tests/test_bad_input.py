@@ -56,6 +56,10 @@ CASES: Dict[str, Case] = {
     "negative-lookback": Case(
         {"SOURCES__KLAVIYO__LOOKBACK_MINUTES": "-1"}, ["lookback_minutes", "0 or more"]
     ),
+    "negative-profile-lookback": Case(
+        {"SOURCES__KLAVIYO__PROFILE_LOOKBACK_MINUTES": "-5"},
+        ["profile_lookback_minutes", "0 or more"],
+    ),
     "zero-rate-share": Case({"SOURCES__KLAVIYO__RATE_LIMIT_SHARE": "0"}, ["rate_limit_share"]),
     "rate-share-not-a-number": Case(
         {"SOURCES__KLAVIYO__RATE_LIMIT_SHARE": "half"},
@@ -63,6 +67,10 @@ CASES: Dict[str, Case] = {
     ),
     "is-active-not-a-bool": Case(
         {"SOURCES__KLAVIYO__IS_ACTIVE": "maybe"}, ["is_active", "not a valid bool"]
+    ),
+    "reports-start-not-a-date": Case(
+        {"SOURCES__KLAVIYO__SEGMENT_REPORTS_START": "yesterday"},
+        ["segment_reports_start", "'yesterday'", "YYYY-MM-DD"],
     ),
     "malformed-revision": Case(
         {"SOURCES__KLAVIYO__REVISION": "2025/04/15"}, ["2025/04/15", "YYYY-MM-DD", "revision"]

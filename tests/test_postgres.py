@@ -18,6 +18,7 @@ from two_runs import (
     SMALL_ACCOUNT,
     VIEWS,
     assert_first_run_matches_truth,
+    assert_klaviyo_counts_beside_ours,
     assert_newest_version_views_answer_alike,
     assert_summary_matches_truth,
     assert_views_match_truth,
@@ -113,6 +114,7 @@ def test_second_run_into_postgres_follows_every_change(
     assert create_views(postgres_pipeline) == list(VIEWS)
     assert _views_in(postgres_server, postgres_pipeline.dataset_name) == set(VIEWS)
     assert_views_match_truth(postgres_pipeline, account, deleted=changes.deleted)
+    assert_klaviyo_counts_beside_ours(postgres_pipeline)
     assert_summary_matches_truth(postgres_pipeline, account)
     assert_newest_version_views_answer_alike(postgres_pipeline)
 

@@ -234,6 +234,8 @@ def test_parallel_walks_keep_to_the_published_tiers_and_collect_no_429(
                 api_key=simulator.api_key,
                 base_url=simulator.base_url,
                 profile_additional_fields=["predictive_analytics"],
+                # Reports pace at 2/min at these real limits: minutes of this test's time.
+                segment_reports=False,
             ),
         )
         elapsed = time.monotonic() - started
@@ -266,6 +268,8 @@ def test_429_storm_during_parallel_walks_ends_with_the_truth(
                 base_url=simulator.base_url,
                 profile_additional_fields=["predictive_analytics"],
                 rate_limit_time_scale=1000,
+                # The simulator's real 2/min for reports would make this test wait minutes.
+                segment_reports=False,
             ),
         )
         elapsed = time.monotonic() - started

@@ -15,6 +15,7 @@ from two_runs import (
     ACCOUNT_SEED,
     SMALL_ACCOUNT,
     VIEWS,
+    assert_klaviyo_counts_beside_ours,
     assert_newest_version_views_answer_alike,
     assert_summary_matches_truth,
     assert_views_match_truth,
@@ -106,6 +107,7 @@ def test_every_view_and_the_summary_on_duckdb_state_the_truth_after_every_kind_o
 
     assert create_views(pipeline) == list(VIEWS)
     assert_views_match_truth(pipeline, account, deleted=changes.deleted)
+    assert_klaviyo_counts_beside_ours(pipeline)
     assert_summary_matches_truth(pipeline, account)
     assert_newest_version_views_answer_alike(pipeline)
 

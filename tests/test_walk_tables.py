@@ -7,7 +7,8 @@ import pyarrow as pa
 
 from klaviyo_source import settings
 from klaviyo_source.rows import membership_row
-from klaviyo_source.walk_tables import WALK_TABLES, WalkBatch
+from klaviyo_source.walk_batch import WalkBatch
+from klaviyo_source.walk_tables import WALK_TABLES
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 

@@ -56,6 +56,7 @@ VIEWS = (
     "segment_membership_history",
     "segment_joins_leaves_daily",
     "segment_size_daily",
+    "segment_size_vs_klaviyo_daily",
 )
 
 Membership = Tuple[str, str]  # (segment_id, profile_id)
@@ -76,7 +77,8 @@ class Changes:
 
 
 def change_between_runs(account: Account) -> Changes:
-    """Joins (one late-visible), a re-join, a new segment, leaves and a deleted segment."""
+    """Joins (one late-visible), a re-join, a new segment, leaves, profile edits and a deleted
+    segment."""
     settled = settled_segments(account)
     assert len(settled) >= 3, "the scenario needs three settled segments with members"
     big, mid, small = settled[0], settled[1], settled[-1]
@@ -107,6 +109,13 @@ def change_between_runs(account: Account) -> Changes:
         joined = changes.now - timedelta(days=3)
         account.join(changes.created, profile_id, at=joined)
         changes.joins[(changes.created, profile_id)] = joined
+
+    # Members no walk lists (their memberships stay as they are): only the profile refresh
+    # brings their edits.
+    listed = {profile_id for _, profile_id in changes.joins} | {rejoiner}
+    quiet = [pid for pid in sorted(account.members(mid)) if pid not in listed]
+    for n, profile_id in enumerate(quiet[:3]):
+        account.update_profile(profile_id, email=f"edited.{n}@example.com", properties={"n": n})
 
     changes.deleted = doomed
     changes.deleted_name = account.segments()[doomed]["name"]
@@ -310,6 +319,49 @@ def assert_views_match_truth(reader: Any, account: Account, deleted: Optional[st
     assert last_size == truth
 
 
+def assert_klaviyo_counts_beside_ours(reader: Any) -> None:
+    """`segment_size_vs_klaviyo_daily` sets each reported day's `total_members` beside the size
+    `segment_size_daily` gives on that day, from the segment's first export on."""
+    reported = {
+        (r[0], r[1]): int(r[2])
+        for r in query(reader, "SELECT segment_id, date, total_members FROM segment_reports_daily")
+    }
+    sizes: Dict[str, List[Tuple[date, int]]] = {}
+    for segment_id, day, members in query(
+        reader, "SELECT segment_id, day, members FROM segment_size_daily ORDER BY day"
+    ):
+        sizes.setdefault(segment_id, []).append((day, int(members)))
+    changes = {
+        (r[0], r[1]): (int(r[2]), int(r[3]))
+        for r in query(
+            reader, "SELECT segment_id, day, joins, leaves FROM segment_joins_leaves_daily"
+        )
+    }
+    exported = {
+        segment_id: utc(first_seen).date()
+        for segment_id, first_seen in query(
+            reader,
+            "SELECT segment_id, MIN(first_seen_at) FROM segment_membership_periods "
+            "GROUP BY segment_id",
+        )
+    }
+    rows = query(
+        reader,
+        "SELECT segment_id, day, klaviyo_members, observed_members, members_difference, joins, "
+        "leaves FROM segment_size_vs_klaviyo_daily",
+    )
+    assert len(rows) == len(reported) > 0
+    for segment_id, day, klaviyo, observed, difference, joins, leaves in rows:
+        assert int(klaviyo) == reported[(segment_id, day)]
+        if segment_id not in exported or day < exported[segment_id]:
+            assert (observed, difference, joins, leaves) == (None, None, None, None)
+            continue
+        size = [members for changed, members in sizes.get(segment_id, []) if changed <= day]
+        assert int(observed) == (size[-1] if size else 0)
+        assert int(difference) == int(observed) - int(klaviyo)
+        assert (int(joins), int(leaves)) == changes.get((segment_id, day), (0, 0))
+
+
 def summary_counts(summary: str) -> Tuple[Dict[str, int], str]:
     """Members per segment id, and the closing total line, of `membership_summary`'s table."""
     *table, total = summary.splitlines()
@@ -347,7 +399,9 @@ def assert_newest_version_views_answer_alike(pipeline: dlt.Pipeline) -> None:
     merges left one version per key they answer as the views do (all but the moving
     `days_in_segment`)."""
     with pipeline.sql_client() as client:
-        definitions = view_definitions(client.make_qualified_table_name, newest_versions=True)
+        definitions = view_definitions(
+            client.make_qualified_table_name, newest_versions=True, with_reports=True
+        )
         for name, body in definitions.items():
             view = client.make_qualified_table_name(name)
             with client.execute_query(f"SELECT * FROM {view} LIMIT 0") as cursor:

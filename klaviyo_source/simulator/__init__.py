@@ -1,4 +1,5 @@
-"""A faithful, dependency-free Klaviyo API simulator for segments, segment profiles and tags.
+"""A faithful, dependency-free Klaviyo API simulator for segments, segment profiles, tags,
+profiles and segment reports.
 
 Serves an in-memory ``Account`` over HTTP on 127.0.0.1 with Klaviyo's envelopes, cursors,
 filters, errors, auth, revision handling, rate limits and injectable faults.

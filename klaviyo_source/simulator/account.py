@@ -293,7 +293,7 @@ class Account:
                 attrs.get("predictive_analytics") or default_predictive_analytics()
             )
             self._profiles[pid] = profile
-            self._profile_rev[pid] = 0
+            self._profile_rev[pid] = self._profile_rev.get(pid, -1) + 1
             self._push_tokens[pid] = list(attrs.get("push_tokens") or [])
             self._bump()
             return str(pid)
@@ -323,6 +323,21 @@ class Account:
             self._profile_rev[profile_id] += 1
             self._bump()
 
+    def delete_profile(self, profile_id: str) -> None:
+        """Delete a profile as Klaviyo's data-privacy deletion does: it leaves every segment
+        (leaves in the change log; no tombstone anywhere) and no endpoint lists it again."""
+        with self.lock:
+            self._require_profile(profile_id)
+            now = self.now()
+            for segment_id, members in self._members.items():
+                if members.pop(profile_id, None) is not None:
+                    self._changes.append(MembershipChange(now, "leave", segment_id, profile_id))
+            del self._profiles[profile_id]
+            del self._push_tokens[profile_id]
+            # The revision stays: rendering caches keyed on it never serve the deleted profile.
+            self._profile_rev[profile_id] += 1
+            self._bump()
+
     # ------------------------------------------------------------------ membership
     def join(self, segment_id: str, profile_id: str, at: datetime | None = None) -> None:
         """Add a member. Already a member: no-op, unless ``at`` is given (then it is set)."""
@@ -339,12 +354,14 @@ class Account:
             self._changes.append(MembershipChange(when, kind, segment_id, profile_id))
             self._bump()
 
-    def leave(self, segment_id: str, profile_id: str) -> None:
-        """Remove a member (no tombstone, as in Klaviyo). Not a member: no-op."""
+    def leave(self, segment_id: str, profile_id: str, at: datetime | None = None) -> None:
+        """Remove a member (no tombstone, as in Klaviyo). Not a member: no-op. ``at`` dates the
+        leave in the past (a generated account's history); it must not precede the join."""
         with self.lock:
             self._segment(segment_id)
             if self._members[segment_id].pop(profile_id, None) is not None:
-                self._changes.append(MembershipChange(self.now(), "leave", segment_id, profile_id))
+                when = self._aware(at, "at") or self.now()
+                self._changes.append(MembershipChange(when, "leave", segment_id, profile_id))
                 self._bump()
 
     def rejoin(self, segment_id: str, profile_id: str, at: datetime | None = None) -> None:

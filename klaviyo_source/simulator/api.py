@@ -1,5 +1,6 @@
 """Request handling independent of the socket layer: routing, auth, revision, scopes, rate
-limits, parameter validation and the ten operations, producing status + headers + body.
+limits, parameter validation and every operation, producing status + headers + body (the
+segment reports' bodies are checked and answered in ``segment_reports``).
 
 Checks run in this order: route (404/405), ``Authorization`` (401), ``revision`` (400/404),
 scopes (403), ``Accept`` (406), rate limits (429), request media type (415), parameters and
@@ -46,6 +47,13 @@ from .render import (
     tag_resource,
 )
 from .revisions import WRITE_ENDPOINTS_SINCE, Revision, parse_revision
+from .segment_reports import (
+    REPORTS_SINCE,
+    SERIES_OPERATION,
+    VALUES_OPERATION,
+    ReportSettings,
+    SegmentReports,
+)
 from .spec_tables import (
     FLOW_FIELDS,
     OPERATION_SCOPES,
@@ -143,7 +151,10 @@ _ROUTES: dict[tuple[str, ...], dict[str, str]] = {
     ("segments", "{id}", "relationships", "tags"): {"GET": "get_segment_relationships_tags"},
     ("tags",): {"GET": "get_tags"},
     ("profiles",): {"GET": "get_profiles"},
+    ("segment-series-reports",): {"POST": SERIES_OPERATION},
+    ("segment-values-reports",): {"POST": VALUES_OPERATION},
 }
+_REPORTS = (SERIES_OPERATION, VALUES_OPERATION)
 
 
 def route(path: str) -> tuple[dict[str, str], str | None, str] | None:
@@ -279,11 +290,13 @@ class Api:
         api_keys: dict[str, set[str]],
         limiter: RateLimiter,
         base_url: str,
+        reports: ReportSettings | None = None,
     ) -> None:
         self.account = account
         self.api_keys = api_keys
         self.limiter = limiter
         self.base = base_url
+        self.reports = SegmentReports(account, reports or ReportSettings())
         self.profiles = ProfileRenderer(base_url)
         self.profile_index = ProfileIndex(exchange_id)
         self._views: OrderedDict[tuple[Any, ...], tuple[int, _View]] = OrderedDict()
@@ -300,6 +313,8 @@ class Api:
             "update_segment": self.update_segment,
             "delete_segment": self.delete_segment,
             "get_profiles": self.get_profiles,
+            SERIES_OPERATION: self.query_segment_series,
+            VALUES_OPERATION: self.query_segment_values,
         }
 
     # ------------------------------------------------------------------ entry point
@@ -324,6 +339,8 @@ class Api:
             if operation in ("create_segment", "update_segment", "delete_segment") and (
                 rev.name < WRITE_ENDPOINTS_SINCE
             ):
+                raise errors.not_found("No valid revisions found for method.")
+            if operation in _REPORTS and rev.name < REPORTS_SINCE:
                 raise errors.not_found("No valid revisions found for method.")
             missing = [s for s in OPERATION_SCOPES[operation] if s not in self.api_keys[key]]
             if missing:
@@ -388,8 +405,9 @@ class Api:
         if media not in _BODY_TYPES:
             raise errors.unsupported_media_type(header or "")
 
-    @staticmethod
-    def _charges(operation: str, query: dict[str, str], rev: Revision) -> list[Charge]:
+    def _charges(self, operation: str, query: dict[str, str], rev: Revision) -> list[Charge]:
+        if operation in _REPORTS:
+            return [Charge(operation, self.reports.settings.windows())]
         tier = OPERATION_TIER[operation]
         charges = [Charge(operation, tier_windows(tier, rev.large_steady_limit))]
         if operation == "get_segment" and "profile_count" in _split(
@@ -911,3 +929,14 @@ class Api:
         next_c, prev_c = self._page_cursors(page, fp, keys)
         links = dumps(self._page_links(ctx, next_c, prev_c))
         return self._ok(b'{"data":[' + b",".join(parts) + b'],"links":' + links + b"}")
+
+    # ------------------------------------------------------------------ reports
+    def query_segment_series(self, ctx: Ctx) -> Response:
+        """POST /api/segment-series-reports (see ``segment_reports``)."""
+        check_known(ctx.query, set())
+        return self._ok(dumps(self.reports.series(ctx.body)))
+
+    def query_segment_values(self, ctx: Ctx) -> Response:
+        """POST /api/segment-values-reports (see ``segment_reports``)."""
+        check_known(ctx.query, set())
+        return self._ok(dumps(self.reports.values(ctx.body)))

@@ -43,6 +43,7 @@ _REQUIRED_OPTION = {"relink": "origin", "redirect": "origin", "delete_segment": 
 
 _STATUS_TEXT = {
     404: ("not_found", "Not found.", "Not found."),
+    405: ("method_not_allowed", "Method not allowed.", "Method not allowed."),
     500: ("error", "A server error occurred.", "A server error occurred."),
     502: ("bad_gateway", "Bad gateway.", "The server received an invalid upstream response."),
     503: (
@@ -51,9 +52,13 @@ _STATUS_TEXT = {
         "Service temporarily unavailable, try again later.",
     ),
     504: ("gateway_timeout", "Gateway timeout.", "The upstream server did not respond in time."),
+    # What a proxy or stand-in answers for an endpoint it does not serve.
+    501: ("not_implemented", "Not implemented.", "The server does not support this operation."),
 }
 _REASONS = {
     404: "Not Found",
+    405: "Method Not Allowed",
+    501: "Not Implemented",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
@@ -132,7 +137,7 @@ class FaultInjector:
         if not 0.0 < probability <= 1.0:
             raise ValueError("probability must be in (0, 1]")
         if kind == "status" and int(opts.get("status", 500)) not in _STATUS_TEXT:
-            raise ValueError("status fault supports 404, 500, 502, 503 and 504")
+            raise ValueError(f"status fault supports {sorted(_STATUS_TEXT)}")
         if kind == "slow" and float(opts.get("delay", 1.0)) < 0:
             raise ValueError("delay must be >= 0")
         if kind in _REQUIRED_OPTION and not opts.get(_REQUIRED_OPTION[kind]):

@@ -675,4 +675,43 @@ def generate_account(
                 joins[b] = joins[a]
         for p, when in joins.items():
             account.join(sid, pids[p], at=when)
+    _add_former_members(account, seed, seg_ids, pids, created_at, anchor)
     return account
+
+
+# Of a segment's members, about one in this many left it before the account's anchor.
+_FORMER_MEMBER_SHARE = 20
+
+
+def _add_former_members(
+    account: Account,
+    seed: int,
+    seg_ids: list[str],
+    pids: list[str],
+    created_at: list[datetime],
+    anchor: datetime,
+) -> None:
+    """Profiles that joined a segment and left it again before ``anchor``.
+
+    No membership listing shows them, but Klaviyo's segment reports count them, day by day,
+    from long before any export. A random stream of their own leaves the rest of the account
+    as it was for a seed.
+    """
+    rng = random.Random(f"{seed}:former members")
+    for sid in seg_ids:
+        current = account.members(sid)
+        wanted = len(current) // _FORMER_MEMBER_SHARE
+        former: set[int] = set()
+        for _ in range(wanted * 4):  # a bounded number of draws: most profiles are free
+            if len(former) >= wanted:
+                break
+            p = rng.randrange(len(pids))
+            if pids[p] not in current and created_at[p] < anchor - timedelta(days=2):
+                former.add(p)
+        for p in sorted(former):
+            start = max(created_at[p], anchor - timedelta(days=730))
+            stay = (anchor - timedelta(days=1) - start).total_seconds()
+            joined = start + timedelta(seconds=rng.uniform(0, stay / 2))
+            left = joined + timedelta(seconds=rng.uniform(3600, stay / 2))
+            account.join(sid, pids[p], at=joined.replace(microsecond=0))
+            account.leave(sid, pids[p], at=left.replace(microsecond=0))

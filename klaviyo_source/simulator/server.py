@@ -28,6 +28,7 @@ from .api import JSON_API, Api, Request, Response
 from .errors import error_body, error_object, throttled
 from .faults import Fault, FaultInjector, on_origin
 from .rate_limits import RateLimiter
+from .segment_reports import ReportSettings
 from .spec_tables import ALL_SCOPES
 
 _REASONS = {
@@ -242,8 +243,9 @@ class KlaviyoSimulator:
     ``api_keys`` maps key -> scopes; ``None`` creates one private key with ``ALL_SCOPES``
     (``api_key``). ``rate_limits`` enables Klaviyo's fixed-window limits; ``time_scale``
     shortens their windows. Use as a context manager or call ``start()``/``stop()``.
-    Extras beyond the public contract: ``fault_seed`` (seeds probabilistic faults) and
-    ``rate_limit_clock`` (a monotonic-seconds callable, for deterministic limit tests).
+    Extras beyond the public contract: ``fault_seed`` (seeds probabilistic faults),
+    ``rate_limit_clock`` (a monotonic-seconds callable, for deterministic limit tests) and
+    ``reports`` (the segment reports' lag and daily cap, ``segment_reports.ReportSettings``).
     """
 
     def __init__(
@@ -256,6 +258,7 @@ class KlaviyoSimulator:
         *,
         fault_seed: int | None = None,
         rate_limit_clock: Callable[[], float] | None = None,
+        reports: ReportSettings | None = None,
     ) -> None:
         self.account = account
         if api_keys is None:
@@ -268,6 +271,8 @@ class KlaviyoSimulator:
             time_scale=time_scale, enabled=rate_limits, clock=rate_limit_clock or time.monotonic
         )
         self.faults = FaultInjector(fault_seed)
+        # The segment reports' lag and daily cap; change them while serving if need be.
+        self.reports = reports or ReportSettings()
         self.counters: Counter[str] = Counter()
         self.request_log: list[RequestRecord] = []
         # (record, fault kind) for every request a fault fired on
@@ -287,7 +292,7 @@ class KlaviyoSimulator:
         server = _Server(self, self._port)
         port = server.server_address[1]
         self.base_url = f"http://127.0.0.1:{port}"
-        self.api = Api(self.account, self.api_keys, self.limiter, self.base_url)
+        self.api = Api(self.account, self.api_keys, self.limiter, self.base_url, self.reports)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,

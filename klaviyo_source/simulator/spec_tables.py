@@ -1,8 +1,9 @@
-"""Tables copied from the bundled OpenAPI specs: scopes, rate-limit tiers and fieldset enums.
+"""Tables taken from Klaviyo's OpenAPI specs: scopes, rate-limit tiers and fieldset enums.
 
-Sources: ``klaviyo-openapi/segments-subset.json`` (2026-07-15) and the 2025-04-15 / 2024-06-15
-``stable.json`` files (``x-klaviyo-scopes``, ``x-klaviyo-ratelimit``, ``fields[...]`` enums).
-Kept as literals so the simulator needs nothing but the standard library at run time.
+Sources: Klaviyo's 2026-07-15 spec (the subset kept in ``tests/simulator/klaviyo_openapi/``,
+which the simulator's tests check these tables against) and its 2025-04-15 / 2024-06-15 specs
+(``x-klaviyo-scopes``, ``x-klaviyo-ratelimit``, ``fields[...]`` enums). Kept as literals so the
+simulator needs nothing but the standard library at run time.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ OPERATION_SCOPES: dict[str, tuple[str, ...]] = {
     "update_segment": ("segments:write",),
     "delete_segment": ("segments:write",),
     "get_profiles": ("profiles:read",),
+    "query_segment_series": ("segments:read",),
+    "query_segment_values": ("segments:read",),
 }
 
 # Rate-limit tier names per operation (x-klaviyo-ratelimit). "L" steady depends on the revision.
@@ -39,6 +42,9 @@ OPERATION_TIER: dict[str, str] = {
     "update_segment": "WRITE",
     "delete_segment": "S",
     "get_profiles": "L",
+    # 1/s, 2/m and 225 a day: their windows are segment_reports.ReportSettings.windows().
+    "query_segment_series": "REPORT",
+    "query_segment_values": "REPORT",
 }
 
 SEGMENT_FIELDS: frozenset[str] = frozenset(

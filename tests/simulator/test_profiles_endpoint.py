@@ -319,3 +319,34 @@ def test_predictive_analytics_costs_the_medium_tier_shared_with_segment_members(
     assert client.get(f"/api/segments/{sid}/profiles", predictive).status_code == 429
     ticks.t += 1
     assert client.get(f"/api/segments/{sid}/profiles", predictive).status_code == 200
+
+
+# ---------------------------------------------------------------------------- deletion
+def test_a_deleted_profile_is_gone_from_every_listing(
+    api: Any, account: Account, clock: Clock
+) -> None:
+    sid, members = next((s, m) for s, m in account.memberships().items() if m)
+    pid = sorted(members)[0]
+    clock.now = START + timedelta(minutes=5)
+    account.delete_profile(pid)
+    assert pid not in account.profiles()
+    assert all(pid not in m for m in account.memberships().values())
+    assert pid not in ids(api.walk("/api/profiles", {"page[size]": 100}))
+    assert ids(api.walk("/api/profiles", {"filter": f"equals(id,'{pid}')"})) == []
+    listed = api.walk(f"/api/segments/{sid}/profiles", {"page[size]": 100})
+    assert pid not in ids(listed)
+    # Klaviyo keeps no tombstone; the change log counts the deletion as a leave.
+    changes = [(c.kind, c.at) for c in account.membership_changes(sid) if c.profile_id == pid]
+    assert changes[-1] == ("leave", clock.now)
+
+
+def test_greater_than_on_updated_is_strict_to_the_microsecond(
+    api: Any, account: Account, clock: Clock
+) -> None:
+    at_bound, after = sorted(account.profiles())[:2]
+    clock.now = START + timedelta(minutes=10)
+    bound = START + timedelta(minutes=5)
+    account.update_profile(at_bound, updated=bound, first_name="At")
+    account.update_profile(after, updated=bound + timedelta(microseconds=1), first_name="After")
+    found = ids(api.walk("/api/profiles", {"filter": f"greater-than(updated,{z(bound)})"}))
+    assert after in found and at_bound not in found

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 # The (path, method) pairs the tests under tests/simulator read: response schemas for
-# every one, and the request body of POST /api/segments.
+# every one, and the request bodies of POST /api/segments and the two segment reports.
 OPERATIONS: dict[str, tuple[str, ...]] = {
     "/api/segments": ("get", "post"),
     "/api/segments/{id}": ("get", "patch"),
@@ -35,6 +35,8 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "/api/segments/{id}/relationships/tags": ("get",),
     "/api/segments/{id}/tags": ("get",),
     "/api/tags": ("get",),
+    "/api/segment-series-reports": ("post",),
+    "/api/segment-values-reports": ("post",),
 }
 
 # Keys of a path item that are not operations; kept because they apply to every operation.
