@@ -322,7 +322,7 @@ class SegmentSync:
             # After the pass, joins it loaded a moment ago are not held yet; they come back as
             # repeats and are skipped.
             yield from self._changes(members, page_joined, self._held_rows)
-        yield from self._end_leaves(list(remaining), datetime.now(timezone.utc))
+        yield from self._end_leaves(list(remaining))
 
     def _count_differs(self) -> bool:
         """Whether Klaviyo's profile_count disagrees with what is held and was just loaded."""
@@ -369,23 +369,24 @@ class SegmentSync:
         for start in range(0, len(missed), size):
             for members in self._walk(profile_id_in(missed[start : start + size])):
                 yield from self._page_changes(members)
-        yield from self._end_leaves(list(remaining), datetime.now(timezone.utc))
+        yield from self._end_leaves(list(remaining))
 
     def _filters_by_profile_id(self) -> bool:
         return self.client.revision[:10] >= settings.PROFILE_ID_FILTER_SINCE
 
-    def _end_leaves(self, gone: List[str], walked_at: datetime) -> Iterator[Any]:
-        """End the held memberships a walk of every member, over at `walked_at`, no longer
-        listed: each left before that (a walk that waited on its quota may end well after the
-        run started, and a leave meanwhile is one it can miss or see).
+    def _end_leaves(self, gone: List[str]) -> Iterator[Any]:
+        """End the held memberships a walk of every member no longer listed.
 
         A member the pass loaded this run and the walk no longer lists left during the run:
-        its row of this load stands, and the next check ends it.
+        its row of this load stands, and the next check ends it. Leaves are dated by the run's
+        start, which the profile refresh counts on (it asks next run for the profiles that
+        left since then); one made after the run started and before the walk came by is dated
+        that much early.
         """
         loaded = self.members.listed_in(self.segment_id, gone)
         left = [pid for pid, loaded_now in zip(gone, loaded, strict=True) if not loaded_now]
         for rows in _held_in_chunks(self.held, self.segment_id, left):
-            ended = [self._ended(membership, walked_at, "left") for membership in rows.values()]
+            ended = [self._ended(membership, self.now, "left") for membership in rows.values()]
             self.stats.left += len(ended)
             yield from self._emit(ended, [], [])
 

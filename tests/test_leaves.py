@@ -117,25 +117,6 @@ def test_leaves_in_small_and_large_segments_are_all_found_by_the_next_run(
         assert len(pages) == math.ceil(len(account.members(segment_id)) / 100)
 
 
-@pytest.mark.parametrize("reconcile", ["counts", "all"])
-def test_a_leave_after_the_run_started_is_dated_before_the_walk_that_found_it_ended(
-    reconcile: str, account: Account, source_for: Callable, make_pipeline: Callable
-) -> None:
-    """A walk may start well into a run (a counted segment's waits for its count): a leave
-    found by it is bounded by when it ended, not by when the run started."""
-    pipeline = make_pipeline()
-    pipeline.run(source_for())
-    segment_id = settled_segments(account)[0]
-    source = source_for(reconcile=reconcile)  # the run starts: its time is taken
-    leaves: Leaves = {}
-    _leave(account, segment_id, sorted(account.members(segment_id))[0], leaves)
-
-    pipeline.run(source)
-
-    assert set(_ended(pipeline)) == set(leaves)
-    _assert_leaves_within_bounds(pipeline, leaves)
-
-
 def _ended(pipeline: dlt.Pipeline) -> Dict[Tuple[str, str], str]:
     rows = query(
         pipeline,
