@@ -40,6 +40,8 @@ from . import settings
 
 # Bisections of the time by which every segment can be checked: 2**-40 of the longest plan.
 BISECTIONS = 40
+# Seconds a time may be off by float rounding when turned back into requests.
+ROUNDING = 1e-6
 
 
 class LeaveCheck(enum.Enum):
@@ -76,7 +78,9 @@ class Quota:
 
     def requests_within(self, seconds: float) -> int:
         """How many requests `seconds_for` fits in `seconds` (the first is sent at once)."""
-        minutes = math.floor(max(0.0, seconds) / 60.0)
+        # Rounding must not lose the request `seconds_for` ends on (0.3 s a request: 3 * 0.1).
+        seconds = max(0.0, seconds) + ROUNDING
+        minutes = math.floor(seconds / 60.0)
         within = min(
             int(self.per_minute) - 1, math.floor((seconds - minutes * 60.0) * self.per_second)
         )
@@ -243,8 +247,10 @@ def _split(segments: Sequence[SegmentToCheck], policy: LeavePolicy, pass_pages: 
     latest = max(
         policy.count_quota.seconds_for(len(ordered)), policy.pass_quota.seconds_for(pass_pages)
     )
-    soonest = _within(ordered, policy, pass_pages, latest)
-    assert soonest is not None, "counting every segment always fits its own time"
+    # Counting everything takes no longer than `latest`; a split found later is never slower.
+    soonest = _within(ordered, policy, pass_pages, latest) or _timed(
+        policy, pass_pages, [], [], ordered
+    )
     earliest = 0.0
     for _ in range(BISECTIONS):
         middle = (earliest + latest) / 2

@@ -65,6 +65,18 @@ def test_a_quota_spends_one_steady_window_at_burst_pace_then_a_window_a_minute()
     assert policy.pass_quota == Quota(10, 150) and policy.walk_quota == large
 
 
+@pytest.mark.parametrize("share", [0.005, 0.3, 1.0])
+def test_requests_paced_at_any_share_fit_the_time_they_take(share: float) -> None:
+    """Turning a time back into requests loses none to rounding (0.3 s a request is 3 * 0.1)."""
+    policy = LeavePolicy.for_account("counts", None, "2025-04-15", share)
+    for quota in (policy.walk_quota, policy.pass_quota, policy.count_quota):
+        assert [quota.requests_within(quota.seconds_for(n)) for n in range(1, 800)] == list(
+            range(1, 800)
+        )
+    plan = plan_leave_checks(_many(sizes_as_accounts_have_them(40, largest=5_000)), policy, NOW)
+    assert LeaveCheck.NONE not in plan.checks.values()
+
+
 # -- which segments are checked, and how ------------------------------------------------------
 
 
