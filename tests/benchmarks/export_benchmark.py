@@ -964,10 +964,12 @@ def no_change_rows(sim: SimulatorProcess, full: MeasuredExport) -> list[Row]:
     """Figure 2b: requests of two no-change runs on the pipeline of a full export."""
     segments = len(sim.info.segment_sizes)
     listing_pages = -(-segments // LISTING_PAGE_SIZE)
+    # Each populated segment's leave check lists its ids (a page per 100) or counts it (1).
+    checks = sum(-(-size // MEMBER_PAGE_SIZE) for size in sim.info.segment_sizes.values())
     rows = []
-    for reconcile, extra in (("off", 0), ("counts", segments)):
+    for reconcile, extra in (("off", 0), ("counts", checks)):
         limit = listing_pages + segments + extra
-        extra_text = f" + {extra} profile_count" if extra else ""
+        extra_text = f" + at most {extra} for leave checks" if extra else ""
         target = f"<= {limit} ({listing_pages} listing pages + {segments} segments{extra_text})"
         figure = f"requests, no-change incremental run, reconcile={reconcile}"
         if full.result.error:
