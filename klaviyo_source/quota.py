@@ -7,8 +7,8 @@ one: `RateLimit-Limit`, `RateLimit-Remaining` (what is left, this request counte
 from its published tier; once answered, its steady window follows those headers. So a run
 spends what is left of a window at the burst rate and then waits for the reset, where pacing
 evenly would leave the rest of the window unspent, and it stops where another integration left
-the window spent. A 429's `Retry-After` is the last word: the budget pauses for it, and resumes
-with one request whose answer tells how things stand.
+the window spent. A 429's `Retry-After` is the last word: the budget pauses for it, for every
+thread.
 
 What no header describes (the burst window, the daily cap on writes, the quotas of costly
 options, every window of a server that sends no headers) is counted here at the published tier.
@@ -161,7 +161,6 @@ class _Quota:
     steady: Optional[_SteadyWindow] = None  # once an answer described it
     paused_until: float = 0.0
     backoff_streak: int = 0
-    unsure: bool = False  # after a 429: one request at a time, until one is answered
 
     def counted_windows(self) -> List[Tuple[int, float]]:
         """The windows counted here: the steady one only while no answer has described it."""
@@ -173,8 +172,6 @@ class _Quota:
         """0 if a request may go now, else seconds to wait, or None: wait for an answer."""
         if now < self.paused_until:
             return self.paused_until - now
-        if self.unsure and self.in_flight:
-            return None
         waits: List[Optional[float]] = [self._steady_wait(now)]
         if pace:
             waits += [
@@ -341,7 +338,6 @@ class RateLimiter:
             for quota in ticket.quotas:
                 quota.answer(now)
                 if response is not None:
-                    quota.unsure = False
                     quota.backoff_streak = 0
             headers = Headers.of(response) if response is not None else None
             if headers is not None and ticket.quotas:
@@ -380,8 +376,7 @@ class RateLimiter:
         A stated wait is kept to (up to `MAX_STATED_WAIT`). Without one, the pause doubles with
         each throttled wave on the budget (`backoff_factor * 2**n`, at most `max_delay`); 429s
         of requests already in flight when the budget was paused belong to the same wave and do
-        not double it again. After the pause the budget sends one request, and waits for its
-        answer before it sends more.
+        not double it again.
         """
         stated = retry_after_seconds(response)
         with self._changed:
@@ -395,7 +390,6 @@ class RateLimiter:
             for quota in ticket.quotas:
                 quota.answer(now)
                 quota.paused_until = max(quota.paused_until, now + wait)
-                quota.unsure = True
             self._changed.notify_all()
         return wait
 
