@@ -82,9 +82,10 @@ logger = logging.getLogger(__name__)
 # stays flat however many profiles are held.
 HELD_IDS_AT_A_TIME = 10_000
 
-# A destination may keep times to the millisecond only: a time read back is compared with a
-# second to spare, well short of the time between two runs.
-STORED_TIME_SLACK = timedelta(seconds=1)
+# A destination may keep times to the millisecond only (dlt's coarsest timestamp precision): a
+# stamp read back is compared with a millisecond to spare. No more: two runs' starts can be
+# under a second apart, and the previous run's stamps must fall outside the window.
+STORED_TIME_SLACK = timedelta(milliseconds=1)
 
 
 def profile_lookback(minutes: float) -> timedelta:
