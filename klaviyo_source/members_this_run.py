@@ -43,6 +43,7 @@ class MembersThisRun:
 
     def __init__(self) -> None:
         self._numbers = ProfileIdMap("I")
+        self._profiles = 0
         self._segment_members: Dict[str, BitMap] = {}
         self._lock = threading.Lock()
 
@@ -52,9 +53,9 @@ class MembersThisRun:
             members = self._segment_members.setdefault(segment_id, BitMap())
             sightings = []
             for profile_id in profile_ids:
-                number = self._numbers.get(profile_id)
-                if number is None:
-                    number = self._number(profile_id)
+                number = self._numbers.setdefault(profile_id, self._profiles)
+                if number == self._profiles:
+                    self._profiles += 1
                     sightings.append(Sighting.NEW_PROFILE)
                 elif number in members:
                     sightings.append(Sighting.REPEAT)
@@ -82,13 +83,8 @@ class MembersThisRun:
         with self._lock:
             claimed = []
             for profile_id in profile_ids:
-                free = self._numbers.get(profile_id) is None
+                free = self._numbers.setdefault(profile_id, self._profiles) == self._profiles
                 if free:
-                    self._number(profile_id)
+                    self._profiles += 1
                 claimed.append(free)
             return claimed
-
-    def _number(self, profile_id: str) -> int:
-        number = len(self._numbers)
-        self._numbers.set(profile_id, number)
-        return number

@@ -18,7 +18,7 @@ Not thread-safe: its owner locks around it if threads share it.
 import struct
 from collections.abc import MutableMapping
 from datetime import datetime, timedelta, tzinfo
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Crockford digits as the digits `int(..., 32)` reads; anything else as a character it refuses.
@@ -38,11 +38,12 @@ _ENTRIES_PER_BUCKET = 32
 
 def ulid_key(profile_id: str) -> Optional[bytes]:
     """The 16 bytes of a canonical ULID, or None for an id of any other form."""
-    if len(profile_id) != _ULID_LENGTH or not profile_id.isascii():
-        return None
     try:
-        value = int(profile_id.encode().translate(_TO_BASE32), 32)
-    except ValueError:
+        raw = profile_id.encode()  # a character beyond ASCII makes it longer than 26
+        if len(raw) != _ULID_LENGTH:
+            return None
+        value = int(raw.translate(_TO_BASE32), 32)
+    except (UnicodeEncodeError, ValueError):  # a lone surrogate; a character not Crockford's
         return None
     if value >> (8 * _KEY_BYTES):
         return None  # 130 bits: the first character is above 7
@@ -80,8 +81,7 @@ class ProfileIdMap:
         key = ulid_key(profile_id)
         if key is None:
             return self._other_ids.get(profile_id)
-        bucket = self._bucket(key)
-        at = self._find(bucket, key)
+        bucket, at = self._locate(key)
         return None if at < 0 else self._value.unpack_from(bucket, at + _KEY_BYTES)[0]
 
     def set(self, profile_id: str, value: int) -> None:
@@ -89,24 +89,30 @@ class ProfileIdMap:
         if key is None:
             self._other_ids[profile_id] = value
             return
-        bucket = self._bucket(key)
-        at = self._find(bucket, key)
-        if at >= 0:
+        bucket, at = self._locate(key)
+        if at < 0:
+            self._append(bucket, key, value)
+        else:
             self._value.pack_into(bucket, at + _KEY_BYTES, value)
-            return
-        bucket += key
-        bucket += self._value.pack(value)
-        self._packed += 1
-        if self._packed > _ENTRIES_PER_BUCKET * len(self._buckets):
-            self._split()
+
+    def setdefault(self, profile_id: str, value: int) -> int:
+        """The id's value; `value`, kept, if it had none."""
+        key = ulid_key(profile_id)
+        if key is None:
+            return self._other_ids.setdefault(profile_id, value)
+        bucket, at = self._locate(key)
+        if at < 0:
+            self._append(bucket, key, value)
+            return value
+        found: int = self._value.unpack_from(bucket, at + _KEY_BYTES)[0]
+        return found
 
     def pop(self, profile_id: str) -> Optional[int]:
         """Remove an id; its value, or None if it was not there."""
         key = ulid_key(profile_id)
         if key is None:
             return self._other_ids.pop(profile_id, None)
-        bucket = self._bucket(key)
-        at = self._find(bucket, key)
+        bucket, at = self._locate(key)
         if at < 0:
             return None
         value: int = self._value.unpack_from(bucket, at + _KEY_BYTES)[0]
@@ -122,20 +128,28 @@ class ProfileIdMap:
                 yield ulid_of(bytes(bucket[at : at + _KEY_BYTES]))
         yield from self._other_ids
 
-    def _bucket(self, key: bytes) -> bytearray:
+    def _append(self, bucket: bytearray, key: bytes, value: int) -> None:
+        bucket += key
+        bucket += self._value.pack(value)
+        self._packed += 1
+        if self._packed > _ENTRIES_PER_BUCKET * len(self._buckets):
+            self._split()
+
+    def _locate(self, key: bytes) -> Tuple[bytearray, int]:
+        """The bucket of `key`, and where its entry starts there (-1: nowhere).
+
+        A match that straddles two entries (the end of one key, its value, the start of the
+        next) is no entry: the search looks on.
+        """
         hashed = hash(key)
         index = hashed & ((1 << self._level) - 1)
         if index < self._next_split:
             index = hashed & ((2 << self._level) - 1)
-        return self._buckets[index]
-
-    def _find(self, bucket: bytearray, key: bytes) -> int:
-        """Where `key`'s entry starts in `bucket`, or -1. A match that straddles two entries
-        (the end of one key, its value, the start of the next) is no entry: look on."""
+        bucket = self._buckets[index]
         at = bucket.find(key)
         while at > 0 and at % self._entry_bytes:
             at = bucket.find(key, at + 1)
-        return at
+        return bucket, at
 
     def _split(self) -> None:
         """Grow by one bucket: the next bucket's entries whose hash has the level's bit set

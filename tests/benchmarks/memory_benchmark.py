@@ -344,12 +344,35 @@ def held_segment(root: Path, ids: Sequence[str]) -> Any:
     return pipeline
 
 
+def startup_rss() -> float:
+    """RSS of a process that has imported what an export imports, before it runs."""
+    import dlt
+
+    from klaviyo_source import klaviyo
+    from klaviyo_source.export import KlaviyoExport  # noqa: F401  (what the script imports)
+
+    with tempfile.TemporaryDirectory() as name:
+        pipeline = dlt.pipeline(
+            pipeline_name="memory_benchmark_startup",
+            pipelines_dir=name,
+            destination=dlt.destinations.duckdb(str(Path(name) / "startup.duckdb")),
+            dataset_name="klaviyo",
+        )
+        source = klaviyo(api_key="pk_startup", base_url="http://127.0.0.1:9")
+        assert pipeline is not None and source is not None
+        return bench.current_rss_mb()
+
+
 def measure_structures(args: argparse.Namespace, root: Path) -> list[str]:
     from klaviyo_source.held import HeldData
 
+    with mp.get_context("spawn").Pool(1) as pool:
+        started_at = pool.apply(startup_rss)
+    lines = [
+        f"a fresh process with an export's imports, pipeline and source: RSS {started_at:.0f} MB"
+    ]
     ids = profile_ids(args.profiles)
     memberships = len(ids) * MEMBERSHIPS_PER_PROFILE
-    lines = []
     for traced in (False, True):
         found, members = footprint(lambda: feed_members(ids), traced)
         del members
