@@ -36,6 +36,7 @@ import argparse
 import ctypes
 import gc
 import multiprocessing as mp
+import os
 import random
 import sys
 import tempfile
@@ -430,13 +431,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--limit", type=float, default=3072.0, help="kill an export above this RSS (MB)"
     )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the exports, e.g. DATA_WRITER__FILE_MAX_ITEMS=100000 (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     bench.child_environment()
+    for setting in args.env:
+        name, _, value = setting.partition("=")
+        os.environ[name] = value
     facts = [*bench.machine_facts(), f"code at start: {bench.source_fingerprint()}"]
+    facts += [f"setting: {setting}" for setting in args.env]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="klaviyo-memory-benchmark-") as name:
         root = Path(name)
