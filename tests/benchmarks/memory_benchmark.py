@@ -299,7 +299,7 @@ def profile_ids(count: int) -> list[str]:
 
 def feed_members(ids: Sequence[str]) -> Any:
     """A MembersThisRun fed as a run feeds it: each segment's pages of 100, 4 segments a
-    profile, and the profile refresh claiming a page of its own now and then."""
+    profile, and the profile refresh claiming a page now and then."""
     from klaviyo_source.members_this_run import MembersThisRun
 
     rng = random.Random(SEED)
@@ -310,9 +310,11 @@ def feed_members(ids: Sequence[str]) -> Any:
     members = MembersThisRun()
     for k, listed in enumerate(segments):
         for start in range(0, len(listed), PAGE):
-            members.sight(f"segment{k}", listed[start : start + PAGE])
+            # Each page's ids are strings of their own, as a decoded page's are.
+            page = [pid[:1] + pid[1:] for pid in listed[start : start + PAGE]]
+            members.sight(f"segment{k}", page)
             if start % (PAGE * 1000) == 0:
-                members.claim_profiles(listed[start : start + PAGE])
+                members.claim_profiles(page)
     del segments
     return members
 
