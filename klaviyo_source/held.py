@@ -198,10 +198,10 @@ class HeldData:
     def joined_times(self, segment_id: str) -> JoinedTimes:
         """When each current member of a segment joined, by profile id.
 
-        All a full walk needs to compare, read in chunks into a compact map (`JoinedTimes`):
-        about 28 bytes a member, where a dict took 150 and whole held rows read as one list
-        420. A reconciliation holds this for every segment it walks at once, one for each
-        extract worker; each belongs to its walk's thread alone.
+        All a full walk needs to compare, read in chunks into a compact map (`JoinedTimes`)
+        rather than a dict or whole held rows. A reconciliation holds this for every segment
+        it walks at once, one for each extract worker; each belongs to its walk's thread
+        alone.
         """
         needs = ("profile_id", "joined_group_at", "is_member")
         sql = f"SELECT profile_id, joined_group_at FROM {{table}} WHERE {_CURRENT}"

@@ -7,9 +7,9 @@ times and its profile row loaded once; a member listed twice in one walk (it re-
 the walk ran) is loaded once.
 
 Each profile id is kept once, compactly (`profile_ids`), with a number of its own; each
-segment keeps the numbers of its members in a Roaring bitmap. That is about 25 bytes a profile
-and at most 2 a membership, where a dict of profile ids to segment bits took about 150 a
-profile (375 MB for 2.5M profiles).
+segment keeps the numbers of its members in a Roaring bitmap, at most 2 bytes a membership. A
+dict of profile ids to segment bits kept every id's string alive besides: it grew with the
+account far more (docs/performance.md, "Memory at 10M").
 
 The profile refresh (`profile_refresh`) writes profile rows too. It claims a profile's row
 here before writing it, which gives the profile a number in no segment: a profile a walk

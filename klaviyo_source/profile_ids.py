@@ -1,9 +1,9 @@
 """Compact, exact maps keyed by Klaviyo profile ids, for structures that grow with the account.
 
 A run remembers every profile it listed, and a reconciliation holds when each member of a
-segment joined. As Python dicts these cost about 150 bytes an entry (the id string alone is
-75), so an account of 2.5M profiles took 375 MB for one of them. Here an entry costs about
-25 bytes.
+segment joined. As Python dicts these kept a string, a dict entry and a number for every id;
+here an entry is its 16 key bytes and a value of fixed width in a shared buffer (the figures
+are in docs/performance.md, "Memory at 10M").
 
 Klaviyo's profile ids are ULIDs: 26 characters of Crockford base32, 128 bits. A canonical
 one (upper case, first character 0-7) is kept as its 16 bytes, which decode back to the very
@@ -175,8 +175,8 @@ _NOT_YET = object()
 
 
 class JoinedTimes(MutableMapping[str, datetime]):
-    """Profile id -> when it joined a segment, as the destination gave it; about 28 bytes an
-    entry where a dict took 150.
+    """Profile id -> when it joined a segment, as the destination gave it: 24 bytes an entry
+    in its buckets.
 
     A time is kept as the microseconds of its wall-clock reading, with one time zone object
     for them all: the first time's. A time that does not fit that (another zone object, a
