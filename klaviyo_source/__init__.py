@@ -20,9 +20,10 @@ from . import settings
 from .client import KlaviyoClient
 from .errors import KlaviyoConfigError
 from .filters import segment_selection
+from .leave_checks import LeavePolicy
 from .memberships import MembershipOptions, sync_listed_segment
 from .profile_refresh import profile_lookback, refresh_profiles
-from .rate_limits import RateLimiter
+from .quota import RateLimiter
 from .rows import (
     SEGMENT_COLUMNS,
     SEGMENT_TAG_COLUMNS,
@@ -83,14 +84,15 @@ def klaviyo(
         profile_additional_fields: Any of "subscriptions", "predictive_analytics" (stricter limits).
         lookback_minutes: How far behind each segment's cursor a run looks again for late joins.
         profile_lookback_minutes: How far behind its cursor the profile refresh lists again.
-        reconcile: How leaves are found: "counts" (walk segments whose profile_count differs
-            from the members held), "all" (walk every segment now), "off".
+        reconcile: How leaves are found: "counts" (check every segment each run: walk the
+            member ids of small ones, count the largest), "all" (read every segment whole
+            now), "off" (only the scheduled full walks).
         full_reconcile_every_hours: Walk each segment in full at least this often; None: never.
         segment_reports: Load Klaviyo's daily segment reports into `segment_reports_daily`
             (from revision 2024-10-15; 225 requests a day, spent over as many runs as needed).
         segment_reports_start: First day (YYYY-MM-DD) of those reports; unset: 2023-06-01,
             the first day Klaviyo has.
-        rate_limit_share: Share of the account's published rate limits this source may use.
+        rate_limit_share: Share of each rate-limit window of the account this source may use.
         rate_limit_time_scale: Speed-up of a simulator's clock; 1 against Klaviyo.
         allow_insecure_http: Accept a plain http base_url on another machine (the key would
             travel unencrypted); http to this machine needs no opt-in.
@@ -109,6 +111,13 @@ def klaviyo(
     client = KlaviyoClient(
         api_key, base_url, revision, rate_limiter=limiter, allow_insecure_http=allow_insecure_http
     )
+    leave_policy = LeavePolicy.for_account(
+        options.reconcile,
+        options.full_reconcile_every,
+        revision,
+        rate_limit_share,
+        pass_tier="M" if "predictive_analytics" in (options.additional_fields() or []) else "L",
+    )
     refresh_lookback = profile_lookback(profile_lookback_minutes)
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
     report_options = ReportOptions.from_config(selection.filter, segment_reports_start)
@@ -122,7 +131,12 @@ def klaviyo(
         # parallel walks need from dlt is read here, once, and travels with each segment.
         run = run_start()
         yield from list_segments(
-            client, selection, segment_ids or [], run, on_listed=listed_for_reports.publish
+            client,
+            selection,
+            segment_ids or [],
+            run,
+            leave_policy,
+            on_listed=listed_for_reports.publish,
         )
 
     @dlt.transformer(

@@ -9,7 +9,7 @@ exception (`ConnectionError`, `Timeout`, `HTTPError`), so code that handles a fa
 request the `requests` way (the source's per-segment isolation does) handles them too.
 """
 
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, Optional, Sequence, Tuple, Type
 from urllib.parse import urlsplit, urlunsplit
 
 from requests import ConnectionError, HTTPError, Response, Timeout
@@ -78,7 +78,12 @@ class KlaviyoAPIError(KlaviyoError, HTTPError):
 
     hint = "See Klaviyo's error detail above."
 
-    def __init__(self, response: Response, errors: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        response: Response,
+        errors: Optional[Dict[str, Any]] = None,
+        scopes: Sequence[str] = (),
+    ) -> None:
         first = errors or {}
         self.status: int = response.status_code
         self.code: str = str(first.get("code") or "")
@@ -89,6 +94,7 @@ class KlaviyoAPIError(KlaviyoError, HTTPError):
         )
         self.method, self.path = request_of(response)
         self.reason: str = str(response.reason or "")
+        self.scopes: Tuple[str, ...] = tuple(scopes)  # what a key needs for the endpoint
         self.retries = ""  # what the retrying session tried before giving up, if anything
         super().__init__(self.message, response=response)
 
@@ -125,27 +131,6 @@ class KlaviyoAuthenticationError(KlaviyoAPIError):
     )
 
 
-def scopes_for(method: str, path: str) -> List[str]:
-    """The scopes Klaviyo requires for a request (klaviyo-api.md §4), from its path."""
-    parts = [part for part in path.split("/") if part]
-    if "api" in parts:
-        parts = parts[len(parts) - parts[::-1].index("api") :]
-    if not parts:
-        return []
-    if parts[0] == "tags":
-        return ["segments:read", "tags:read"] if len(parts) > 2 else ["tags:read"]
-    if parts[0] != "segments":
-        return []
-    if method in ("POST", "PATCH", "DELETE"):
-        return ["segments:write"]
-    tail = parts[2:]
-    if tail and tail[-1] == "profiles":
-        return ["segments:read", "profiles:read"]
-    if tail and tail[-1] == "tags":
-        return ["segments:read", "tags:read"]
-    return ["segments:read"]
-
-
 class KlaviyoPermissionError(KlaviyoAPIError):
     hint = (
         "Give the private key the scope it names (Klaviyo > Settings > API keys), or use a key "
@@ -154,14 +139,13 @@ class KlaviyoPermissionError(KlaviyoAPIError):
 
     def describe_fix(self) -> str:
         # Klaviyo's 403 body is undocumented (a CDN may answer with HTML): name the scopes
-        # from the endpoint, so the line says what to add whatever the body held.
-        needed = scopes_for(self.method, self.path)
-        if not needed:
+        # of the endpoint, so the line says what to add whatever the body held.
+        if not self.scopes:
             return self.hint
         return (
-            f"This request needs {' and '.join(needed)}: give the private key the missing scope "
-            "(Klaviyo > Settings > API keys), or use a key with segments:read, profiles:read "
-            "and tags:read."
+            f"This request needs {' and '.join(self.scopes)}: give the private key the missing "
+            "scope (Klaviyo > Settings > API keys), or use a key with segments:read, "
+            "profiles:read and tags:read."
         )
 
 
@@ -200,8 +184,11 @@ _BY_STATUS: Dict[int, Type[KlaviyoAPIError]] = {
 }
 
 
-def error_for_response(response: Response) -> KlaviyoAPIError:
-    """Build the typed error for an error response from Klaviyo's `errors[0]`, if any."""
+def error_for_response(response: Response, scopes: Sequence[str] = ()) -> KlaviyoAPIError:
+    """Build the typed error for an error response from Klaviyo's `errors[0]`, if any.
+
+    `scopes` are what a key needs for the endpoint asked, named when Klaviyo answers 403.
+    """
     first: Dict[str, Any] = {}
     try:
         body = response.json()
@@ -212,7 +199,7 @@ def error_for_response(response: Response) -> KlaviyoAPIError:
         pass  # CDN pages and proxies answer with HTML; the status alone must do
     status = response.status_code
     error_class = _BY_STATUS.get(status, KlaviyoServerError if status >= 500 else KlaviyoAPIError)
-    return error_class(response, first)
+    return error_class(response, first, scopes)
 
 
 # What a server answers for an endpoint it does not serve: a revision before the endpoint, or a

@@ -27,6 +27,11 @@ def joined_after(since: datetime) -> str:
     return f"greater-than(joined_group_at,{filter_datetime(since)})"
 
 
+def profile_id_in(profile_ids: Sequence[str]) -> str:
+    """Members among these profiles (revision 2025-10-15 on; see settings)."""
+    return f"any(profile_id,[{','.join(quoted(value) for value in profile_ids)}])"
+
+
 def updated_since(since: datetime) -> str:
     """Profiles updated at `since` or later.
 

@@ -1,4 +1,4 @@
-"""One segment's membership sync in one run: an incremental pass, then a reconciliation if due.
+"""One segment's membership sync in one run: an incremental pass, then its leave check.
 
 Incremental pass. Each segment keeps a cursor: the newest `joined_group_at` loaded for it. A
 run asks for `greater-than(joined_group_at, cursor - lookback)` sorted by `joined_group_at`:
@@ -6,12 +6,22 @@ new joins and re-joins, plus a short window behind the cursor where late-visible
 land. Rows the destination already holds unchanged are not loaded again. The cursor moves only
 once the whole pass was yielded, and dlt commits it together with the rows.
 
-Reconciliation. Klaviyo never says when a profile leaves. A full walk of the segment's current
-members (`fields[profile]=joined_group_at` when profiles are off) compared with the members
-held finds leaves, and also joins the incremental pass missed. A leave happened after the
-membership was last seen present and before this walk saw it gone: both bounds are kept. A walk
-is due when Klaviyo's `profile_count` disagrees with the members held, on a schedule, or on
-demand; never while the segment `is_processing`, when its membership is in flux.
+Leave checks. Klaviyo never says when a profile leaves. What the run planned for the segment
+(`leave_checks`) is one of:
+
+- read whole: the pass itself lists every member (`fields[profile]=joined_group_at` when
+  profiles are off) and compares them with the members held. This finds leaves, re-joins and
+  joins of any age; it is the scheduled full walk, and costs a one-page segment nothing extra;
+- walk ids: after the pass, every member id is listed from `/relationships/profiles`, a quota
+  of its own. A held id not listed has left; an id neither held nor loaded by the pass is a join
+  the pass could not see (older than its lookback): its row is fetched from `/profiles` by
+  `profile_id`, or, before the revision that filters on it, the segment is read whole instead.
+  Re-joins come through the pass with their new `joined_group_at`;
+- count: Klaviyo's `profile_count`, asked while the walks ran, against the members held plus
+  the joins it can have seen; the ids are walked when they differ.
+
+A leave happened after the membership was last seen present and before a walk saw it gone: both
+bounds are kept. No segment is checked while it `is_processing`, when its membership is in flux.
 
 One load holds each membership at most once. A member listed twice in one walk (it re-joined
 while the walk ran) is loaded as first seen, and the cursor stops before its re-join so that
@@ -19,6 +29,7 @@ the next run loads the new period.
 """
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -26,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 from requests.exceptions import RequestException
 
 from . import settings
-from .client import KlaviyoClient
+from .client import KlaviyoClient, resources_of
 from .errors import (
     KlaviyoAPIError,
     KlaviyoAuthenticationError,
@@ -34,11 +45,13 @@ from .errors import (
     KlaviyoNotFound,
     KlaviyoPermissionError,
 )
-from .filters import joined_after
+from .filters import joined_after, profile_id_in
 from .held import HeldData, HeldMembership
+from .leave_checks import LeaveCheck
 from .member_pages import Member
 from .members_this_run import MembersThisRun, Sighting
 from .page_diff import diff_page, ended_membership, worth_a_look
+from .profile_counts import ProfileCount, count_differs
 from .rows import Row, parse_datetime
 from .segment_listing import ListedSegment
 from .walk_batch import WalkBatch
@@ -129,7 +142,8 @@ class SyncStats:
     joined: int = 0
     left: int = 0
     newest: Optional[datetime] = None
-    reconciled: bool = False
+    reconciled: bool = False  # every member was listed from /profiles
+    ids_walked: bool = False  # every member id was listed from /relationships/profiles
 
 
 @dataclass
@@ -138,7 +152,6 @@ class SegmentSync:
 
     client: KlaviyoClient
     segment_id: str
-    is_processing: bool
     cursor: Optional[datetime]
     reconciled_at: Optional[datetime]
     held: HeldData
@@ -147,17 +160,31 @@ class SegmentSync:
     now: datetime
     members: MembersThisRun
     load_id: str
+    leave_check: LeaveCheck = LeaveCheck.NONE
+    profile_count: Optional["Future[ProfileCount]"] = None
+    ids_walked_at: Optional[datetime] = None
 
     def __post_init__(self) -> None:
         self.stats = SyncStats()
         self._batch = WalkBatch(self.load_id)
         # The earliest join seen a second time in this walk (a re-join while it ran).
         self._rejoined_during_walk: Optional[datetime] = None
+        # Whether the pass is over: walks after it list its re-joins again as repeats.
+        self._passed = False
+        # When each membership the walks loaded as new had joined, for the count check.
+        self._join_times: List[datetime] = []
+        self._held_joined: Optional[Dict[str, datetime]] = None
 
     def run(self) -> Iterator[Any]:
-        yield from self._incremental_pass()
-        if self._reconcile_due():
-            yield from self._reconcile()
+        if self.leave_check is LeaveCheck.READ_WHOLE and self.cursor is not None:
+            yield from self._read_whole()
+        else:
+            yield from self._incremental_pass()
+        self._passed = True
+        if self.leave_check is LeaveCheck.WALK_IDS or (
+            self.leave_check is LeaveCheck.COUNT and self._count_differs()
+        ):
+            yield from self._walk_ids()
         yield from self._batch.flush()
 
     def gathered(self) -> Iterator[Any]:
@@ -166,7 +193,7 @@ class SegmentSync:
 
     @property
     def walked_in_full(self) -> bool:
-        """Whether this run saw every current member (a first pass or a reconciliation)."""
+        """Whether this run listed every current member from /profiles (with its join time)."""
         return self.cursor is None or self.stats.reconciled
 
     # -- incremental ------------------------------------------------------------------------
@@ -186,14 +213,36 @@ class SegmentSync:
 
     def _incremental_pass(self) -> Iterator[Any]:
         since = None if self.cursor is None else self.cursor - self.options.lookback
+        # An id walk reads when every held member joined anyway; read once, it serves the pass
+        # too, which then looks up held rows only for members that changed. Each lookup is a
+        # query, and walks take turns at the destination.
+        every_held = (
+            self._every_held()
+            if self.leave_check is LeaveCheck.WALK_IDS and self.cursor is not None
+            else None
+        )
         for members in self._walk(None if since is None else joined_after(since)):
-            held = (
-                self.held.members_among(self.segment_id, [member.id for member in members])
-                if self.held_count
-                else {}
-            )
-            joined = {profile_id: row.joined_group_at for profile_id, row in held.items()}
-            yield from self._changes(members, joined, _already_read(held))
+            if every_held is None:
+                yield from self._page_changes(members)
+            else:
+                joined = {m.id: every_held[m.id] for m in members if m.id in every_held}
+                yield from self._changes(members, joined, self._held_rows)
+
+    def _every_held(self) -> Dict[str, datetime]:
+        """When each held member joined, read once a run (an id walk takes from it)."""
+        if self._held_joined is None:
+            self._held_joined = self.held.joined_times(self.segment_id)
+        return self._held_joined
+
+    def _page_changes(self, members: List[Member]) -> Iterator[Any]:
+        """`_changes` of a page whose held rows are read with one lookup."""
+        held = (
+            self.held.members_among(self.segment_id, [member.id for member in members])
+            if self.held_count
+            else {}
+        )
+        joined = {profile_id: row.joined_group_at for profile_id, row in held.items()}
+        yield from self._changes(members, joined, _already_read(held))
 
     def _changes(
         self, members: List[Member], held_joined: Mapping[str, datetime], held_rows: HeldRows
@@ -215,6 +264,11 @@ class SegmentSync:
             for listing, sighting in zip(listed, sightings, strict=True)
             if listing.held_join is not None and sighting is not Sighting.REPEAT
         ]
+        self._join_times.extend(
+            listing.joined
+            for listing, sighting in zip(listed, sightings, strict=True)
+            if listing.held_join is None and sighting is not Sighting.REPEAT
+        )
         diff = diff_page(
             self.segment_id,
             listed,
@@ -235,10 +289,9 @@ class SegmentSync:
         Keyset paging over a live segment lists a member again when it re-joins while the walk
         runs. Its new period waits for the next run, whose incremental pass must then start
         before this join. A repeat older than the lookback window cannot be such a re-join, and
-        one in a reconciliation walk joined after this run's incremental pass, so the next
-        pass lists it anyway.
+        one in a walk after the pass joined after the pass, so the next pass lists it anyway.
         """
-        if self.stats.reconciled or joined < self.now - self.options.lookback:
+        if self._passed or joined < self.now - self.options.lookback:
             return
         if self._rejoined_during_walk is None or joined < self._rejoined_during_walk:
             self._rejoined_during_walk = joined
@@ -256,45 +309,80 @@ class SegmentSync:
         self.stats.loaded += len(memberships)
         yield from self._batch.add(memberships, ended_earlier, profiles)
 
-    # -- reconciliation ---------------------------------------------------------------------
+    # -- leave checks -----------------------------------------------------------------------
 
-    def _reconcile_due(self) -> bool:
-        if self.cursor is None:
-            return False  # the incremental pass just walked the whole segment
-        if self.is_processing:
-            logger.info(f"segment {self.segment_id} is processing: leaves are looked for later")
-            return False
-        if self.options.reconcile == "all":
-            return True
-        every = self.options.full_reconcile_every
-        if every is not None and (
-            self.reconciled_at is None or self.now - self.reconciled_at >= every
-        ):
-            return True
-        if self.options.reconcile != "counts":
-            return False
-        document = self.client.get_segment(
-            self.segment_id, additional_fields_segment=["profile_count"]
-        )
-        self.stats.requests += 1
-        profile_count = (document.get("data") or {}).get("attributes", {}).get("profile_count")
-        expected = self.held_count + self.stats.joined
-        return profile_count is not None and int(profile_count) != expected
-
-    def _reconcile(self) -> Iterator[Any]:
-        """Walk every current member; what is held but gone has left."""
+    def _read_whole(self) -> Iterator[Any]:
+        """List every current member from /profiles; what is held but gone has left."""
         self.stats.reconciled = True
         # Only join times are held for the whole segment; whole rows are read for the few
         # members that need one.
         remaining = self.held.joined_times(self.segment_id)
         for members in self._walk(None):
             page_joined = {m.id: remaining.pop(m.id) for m in members if m.id in remaining}
-            # Joins the incremental pass loaded a moment ago are not held yet; they come back
-            # as repeats and are skipped.
+            # After the pass, joins it loaded a moment ago are not held yet; they come back as
+            # repeats and are skipped.
             yield from self._changes(members, page_joined, self._held_rows)
-        # A member the incremental pass loaded and this walk no longer lists left during the
-        # run: its row of this load stands, and the next reconciliation ends it.
-        gone = list(remaining)
+        yield from self._end_leaves(list(remaining))
+
+    def _count_differs(self) -> bool:
+        """Whether Klaviyo's profile_count disagrees with what is held and was just loaded."""
+        if self.profile_count is None:
+            return True  # planned to be counted without a count: walk, to be sure
+        count = self.profile_count.result()  # raises what asking for it raised
+        self.stats.requests += 1
+        return count_differs(count, self.held_count, self._join_times)
+
+    def _walk_ids(self) -> Iterator[Any]:
+        """List every member id; end the held ones not listed, fetch the joins the pass missed.
+
+        Sorted by `joined_group_at`, keyset paging lists every member present throughout at
+        least once: a re-join moves a member later, never before the page being read.
+        """
+        remaining = self._every_held()
+        # Ids neither held nor listed before in this walk, in the order first listed.
+        unheld: Dict[str, None] = {}
+        pages = self.client.get_segment_relationships_profiles(
+            self.segment_id, sort="joined_group_at"
+        )
+        for page in pages:
+            self.stats.requests += 1
+            for resource in resources_of(page):
+                self.stats.fetched += 1
+                profile_id = resource["id"]
+                if remaining.pop(profile_id, None) is None:
+                    unheld.setdefault(profile_id)
+        # The pass loaded some of them this run; the others joined out of its sight, or
+        # re-joined during this walk.
+        unseen = list(unheld)
+        loaded = self.members.listed_in(self.segment_id, unseen)
+        missed = [pid for pid, loaded_now in zip(unseen, loaded, strict=True) if not loaded_now]
+        if missed and not self._filters_by_profile_id():
+            logger.info(
+                f"segment {self.segment_id}: {len(missed)} members joined out of the "
+                f"incremental pass's sight; revision {self.client.revision} cannot fetch them "
+                f"by id (from {settings.PROFILE_ID_FILTER_SINCE}), so the segment is read whole"
+            )
+            yield from self._read_whole()
+            return
+        self.stats.ids_walked = True
+        size = settings.SEGMENT_PROFILES_PAGE_SIZE
+        for start in range(0, len(missed), size):
+            for members in self._walk(profile_id_in(missed[start : start + size])):
+                yield from self._page_changes(members)
+        yield from self._end_leaves(list(remaining))
+
+    def _filters_by_profile_id(self) -> bool:
+        return self.client.revision[:10] >= settings.PROFILE_ID_FILTER_SINCE
+
+    def _end_leaves(self, gone: List[str]) -> Iterator[Any]:
+        """End the held memberships a walk of every member no longer listed.
+
+        A member the pass loaded this run and the walk no longer lists left during the run:
+        its row of this load stands, and the next check ends it. Leaves are dated by the run's
+        start, which the profile refresh counts on (it asks next run for the profiles that
+        left since then); one made after the run started and before the walk came by is dated
+        that much early.
+        """
         loaded = self.members.listed_in(self.segment_id, gone)
         left = [pid for pid, loaded_now in zip(gone, loaded, strict=True) if not loaded_now]
         for rows in _held_in_chunks(self.held, self.segment_id, left):
@@ -306,7 +394,9 @@ class SegmentSync:
         return self.held.members_among(self.segment_id, profile_ids)
 
     def _ended(self, held: HeldMembership, before: datetime, reason: str) -> Row:
-        return ended_membership(self.segment_id, held, before, reason, self.reconciled_at)
+        # Any walk that listed every member saw this one present then.
+        seen = [when for when in (self.reconciled_at, self.ids_walked_at) if when is not None]
+        return ended_membership(self.segment_id, held, before, reason, max(seen, default=None))
 
 
 def _already_read(rows: Mapping[str, HeldMembership]) -> HeldRows:
@@ -394,7 +484,6 @@ def sync_listed_segment(
     sync = SegmentSync(
         client=client,
         segment_id=listed.id,
-        is_processing=listed.is_processing,
         cursor=cursor,
         reconciled_at=run.progress.reconciled_at(listed.id),
         held=run.held,
@@ -403,6 +492,9 @@ def sync_listed_segment(
         now=run.started,
         members=run.members,
         load_id=run.load_id,
+        leave_check=listed.leave_check,
+        profile_count=listed.profile_count,
+        ids_walked_at=run.progress.ids_walked_at(listed.id),
     )
     try:
         yield from sync.run()
@@ -440,7 +532,12 @@ def sync_listed_segment(
     moved = next_cursor(
         sync.cursor, sync.stats.newest, datetime.now(timezone.utc), sync.cursor_limit
     )
-    run.progress.walked(listed.id, moved, run.started if sync.walked_in_full else None)
+    run.progress.walked(
+        listed.id,
+        moved,
+        run.started if sync.walked_in_full else None,
+        run.started if sync.stats.ids_walked else None,
+    )
     log_sync(listed.id, listed.name, sync.stats, run.progress.finished(sync.stats.loaded))
 
 
@@ -460,7 +557,11 @@ def _deleted_in_klaviyo(client: KlaviyoClient, segment_id: str) -> bool:
 
 
 def log_sync(segment_id: str, name: Optional[str], stats: SyncStats, tally: str) -> None:
-    reconciled = f", reconciled: {stats.left} left" if stats.reconciled else ""
+    reconciled = ""
+    if stats.reconciled:
+        reconciled = f", read whole: {stats.left} left"
+    elif stats.ids_walked:
+        reconciled = f", ids walked: {stats.left} left"
     logger.info(
         f"segment {segment_id} ({name or '?'}): {stats.loaded} rows loaded, {stats.joined} joined"
         f"{reconciled}; {stats.fetched} fetched in {stats.requests} requests [{tally}]"

@@ -39,15 +39,17 @@ from .walk_tables import WALK_TABLES, declare_walk_tables
 
 
 class SegmentProgress:
-    """Each segment's cursor and last full walk, kept in dlt state, and this run's failures.
+    """Each segment's cursor, last full walk and last id walk, kept in dlt state, and this
+    run's failures.
 
-    Cursors and full-walk times live in the walking resource's state, failures in the
-    source's. Failures are per run: a segment that failed last time and works now is none.
+    Cursors and walk times live in the walking resource's state, failures in the source's.
+    Failures are per run: a segment that failed last time and works now is none.
     """
 
     def __init__(self, walk_state: Dict[str, Any], source_state: Dict[str, Any]) -> None:
         self._cursors: Dict[str, str] = walk_state.setdefault(settings.CURSORS_STATE_KEY, {})
         self._reconciled: Dict[str, str] = walk_state.setdefault(settings.RECONCILED_STATE_KEY, {})
+        self._ids_walked: Dict[str, str] = walk_state.setdefault(settings.IDS_WALKED_STATE_KEY, {})
         self._failures: Dict[str, str] = {}
         source_state[settings.FAILURES_STATE_KEY] = self._failures
         self._lock = threading.Lock()
@@ -80,21 +82,33 @@ class SegmentProgress:
         with self._lock:
             return _time(self._reconciled.get(segment_id))
 
+    def ids_walked_at(self, segment_id: str) -> Optional[datetime]:
+        """When every member id of the segment was last listed (a leave check)."""
+        with self._lock:
+            return _time(self._ids_walked.get(segment_id))
+
     def walked(
-        self, segment_id: str, cursor: Optional[datetime], reconciled_at: Optional[datetime]
+        self,
+        segment_id: str,
+        cursor: Optional[datetime],
+        reconciled_at: Optional[datetime],
+        ids_walked_at: Optional[datetime] = None,
     ) -> None:
-        """A walk that ended well: its cursor moves, and a full walk is remembered."""
+        """A walk that ended well: its cursor moves, and a full or id walk is remembered."""
         with self._lock:
             if cursor is not None:
                 self._cursors[segment_id] = cursor.isoformat()
             if reconciled_at is not None:
                 self._reconciled[segment_id] = reconciled_at.isoformat()
+            if ids_walked_at is not None:
+                self._ids_walked[segment_id] = ids_walked_at.isoformat()
 
     def forget(self, segment_id: str) -> None:
         """A deleted segment keeps no cursor: a segment made later with its id starts anew."""
         with self._lock:
             self._cursors.pop(segment_id, None)
             self._reconciled.pop(segment_id, None)
+            self._ids_walked.pop(segment_id, None)
 
     def failed(self, segment_id: str, reason: str) -> None:
         with self._lock:

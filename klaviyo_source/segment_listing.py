@@ -5,10 +5,17 @@ longer selected (renamed out of a name filter, made inactive). One GET of that s
 which: a 404 means deleted, a 200 brings its current attributes. A configured segment id or
 name Klaviyo does not have is a user error: the run fails, naming the closest segments, rather
 than exporting nothing.
+
+Once the whole listing is read, the run's leave checks are planned (`leave_checks`): each live
+segment travels to its walk with its check, and counted segments come last, so that their
+counts, asked meanwhile, are in by the time their walks need them.
 """
 
+import dataclasses
 import difflib
 import json
+import logging
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -16,7 +23,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 from .client import KlaviyoClient
 from .errors import KlaviyoConfigError, KlaviyoNotFound
 from .filters import SegmentSelection
+from .leave_checks import LeaveCheck, LeavePolicy, SegmentToCheck, plan_leave_checks
+from .profile_counts import ProfileCount, count_in_background
 from .run import Run
+
+logger = logging.getLogger(__name__)
 
 # How many existing segments an unknown id or name is shown beside.
 CLOSEST_SHOWN = 3
@@ -27,7 +38,8 @@ class ListedSegment:
     """A segment as this run sees it: live (`resource`) or gone (`held_row` + `deleted_at`).
 
     `run` travels with each segment to its walk: what the run's walks share, made in the
-    pipeline's own thread, where the listing runs.
+    pipeline's own thread, where the listing runs. So does its leave check, and for a counted
+    segment the future of its `profile_count`.
     """
 
     id: str
@@ -37,6 +49,8 @@ class ListedSegment:
     held_row: Optional[Dict[str, Any]] = None
     deleted_at: Optional[datetime] = None
     selected: bool = True
+    leave_check: LeaveCheck = LeaveCheck.NONE
+    profile_count: Optional["Future[ProfileCount]"] = None
 
     @property
     def is_processing(self) -> bool:
@@ -54,13 +68,15 @@ def list_segments(
     selection: SegmentSelection,
     configured_ids: Sequence[str],
     run: Run,
+    leave_policy: LeavePolicy,
     on_listed: Optional[Callable[[List[ListedSegment]], None]] = None,
 ) -> Iterator[ListedSegment]:
     """Yield every selected live segment, then every held segment that was deleted.
 
     The listing is read whole before anything is yielded, so that a misconfigured segment id
-    or name fails the run before any segment is walked. `on_listed` then gets the live ones
-    at once (the segment reports need them all, not one at a time).
+    or name fails the run before any segment is walked, and so that the leave checks are
+    planned over every segment. `on_listed` then gets the live ones at once (the segment reports
+    need them all, not one at a time).
     """
     held = run.held
     counts = held.member_counts()
@@ -94,7 +110,7 @@ def list_segments(
     run.progress.expect(len(live))
     if on_listed is not None:
         on_listed(live)
-    yield from live
+    yield from _with_leave_checks(client, live, run, leave_policy)
     for segment_id, held_row in held_live.items():
         if segment_id in listed:
             continue
@@ -106,6 +122,37 @@ def list_segments(
             # Still in Klaviyo but no longer selected (made inactive, renamed out of a name
             # filter): its row is kept up to date, its members are no longer walked.
             yield ListedSegment(id=segment_id, run=run, resource=resource, selected=False)
+
+
+def _with_leave_checks(
+    client: KlaviyoClient, live: Sequence[ListedSegment], run: Run, policy: LeavePolicy
+) -> List[ListedSegment]:
+    """The live segments with their planned checks, counted ones last; their counts asked."""
+    plan = plan_leave_checks(
+        [
+            SegmentToCheck(
+                segment_id=segment.id,
+                held_count=segment.held_count,
+                walked_before=run.progress.cursor(segment.id) is not None,
+                is_processing=segment.is_processing,
+                read_whole_at=run.progress.reconciled_at(segment.id),
+            )
+            for segment in live
+        ],
+        policy,
+        run.started,
+    )
+    logger.info(plan.describe())
+    counts = count_in_background(client, plan.counted)
+    by_id = {segment.id: segment for segment in live}
+    return [
+        dataclasses.replace(segment, leave_check=plan.check_of(segment.id))
+        for segment in live
+        if segment.id not in counts
+    ] + [
+        dataclasses.replace(by_id[sid], leave_check=LeaveCheck.COUNT, profile_count=future)
+        for sid, future in counts.items()
+    ]
 
 
 def _fail_on_unknown(

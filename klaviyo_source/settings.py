@@ -57,14 +57,17 @@ SEGMENT_ATTRIBUTES: Final[Tuple[str, ...]] = (
 # Profile fields that cost a stricter rate tier and so are off unless asked for.
 OPTIONAL_PROFILE_FIELDS: Final[Tuple[str, ...]] = ("subscriptions", "predictive_analytics")
 
-# How leaves are found: "counts" walks a segment in full when Klaviyo's profile_count differs
-# from the members held (one 1/s-tier request per segment and run); "all" walks every segment;
-# "off" never looks for leaves except on the full-walk schedule.
+# How leaves are found (see leave_checks): "counts" checks every segment each run, reading a
+# one-page segment whole with its pass, walking the member ids of small segments and counting
+# the largest (profile_count, a 1/s tier) where walking them would take longer; "all" reads
+# every segment whole; "off" never looks for leaves except on the full-walk schedule.
 RECONCILE_MODES: Final[Tuple[str, ...]] = ("counts", "all", "off")
 DEFAULT_RECONCILE: Final = "counts"
-# Even when counts agree (a leave and a late join can cancel out), walk each segment in full
-# this often.
+# Read each segment whole (/profiles, with joined_group_at) at least this often: a count can be
+# fooled by a leave and a late join, and an id walk cannot see a re-join behind the lookback.
 DEFAULT_FULL_RECONCILE_EVERY: Final = timedelta(hours=24)
+# The segment-member endpoints filter on profile_id from this revision (any/equals).
+PROFILE_ID_FILTER_SINCE: Final = "2025-10-15"
 
 # Klaviyo's published rate tiers: (requests per second, requests per minute). The L tier's
 # steady limit was 700 a minute in the specs before revision 2026-01-15.
@@ -103,6 +106,7 @@ SEGMENT_REPORTS_SETTLE_DAYS: Final = 3
 # State keys, kept stable: renaming one silently restarts every cursor.
 CURSORS_STATE_KEY: Final = "joined_group_at"
 RECONCILED_STATE_KEY: Final = "reconciled_at"
+IDS_WALKED_STATE_KEY: Final = "ids_walked_at"
 FAILURES_STATE_KEY: Final = "failed_segments"
 # The profile refresh's cursor, in its resource's state; and its key among the run's failures
 # (segment ids are alphanumeric, so it names no segment).

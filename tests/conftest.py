@@ -1,5 +1,6 @@
 """Shared fixtures: a simulated Klaviyo account over HTTP, and pipelines into DuckDB files."""
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import dlt
 import pytest
 
 from klaviyo_source import klaviyo
+from klaviyo_source.leave_checks import LeavePolicy, Quota
 from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
 
 # Small enough to run in seconds, large enough that the biggest segment spans many pages and
@@ -80,3 +82,20 @@ def source_for(simulator: KlaviyoSimulator) -> Callable[..., Any]:
         return klaviyo(api_key=simulator.api_key, base_url=simulator.base_url, **options)
 
     return make
+
+
+@pytest.fixture
+def counting_pays(account: Account, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leave checks plan with the room an account of hundreds of segments leaves at Klaviyo's
+    limits: ten pages of ids a minute, and three pages a minute beyond the passes' requests.
+    Listing the test account's largest segments would then take longer than counting them."""
+    for_account = LeavePolicy.for_account
+
+    def with_little_room(*args: Any, **kwargs: Any) -> LeavePolicy:
+        return dataclasses.replace(
+            for_account(*args, **kwargs),
+            walk_quota=Quota(per_second=75, per_minute=10),
+            pass_quota=Quota(per_second=75, per_minute=len(account.segments()) + 3),
+        )
+
+    monkeypatch.setattr(LeavePolicy, "for_account", staticmethod(with_little_room))

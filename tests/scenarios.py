@@ -5,7 +5,7 @@ exactly."""
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import dlt
 from expected import (
@@ -18,7 +18,7 @@ from expected import (
     utc,
 )
 
-from klaviyo_source.simulator import Account
+from klaviyo_source.simulator import Account, generate_account
 
 Key = Tuple[str, str]  # (segment id, profile id)
 
@@ -39,6 +39,35 @@ def settled_segments(account: Account) -> List[str]:
         ),
         key=lambda segment_id: (-len(account.members(segment_id)), segment_id),
     )
+
+
+def sizes_as_accounts_have_them(segments: int, largest: int, smallest: int = 5) -> List[int]:
+    """Segment sizes with a long tail: the n-th largest holds 1/n of the largest (Zipf)."""
+    return [max(smallest, largest // rank) for rank in range(1, segments + 1)]
+
+
+def account_of_sizes(sizes: Sequence[int], seed: int) -> Account:
+    """An account with one segment of each size, every member joined days ago."""
+    rng = random.Random(seed)
+    account = generate_account(
+        seed=seed, segments=0, tags=0, profiles=max(sizes, default=0), memberships=0
+    )
+    profiles = sorted(account.profiles())
+    joined_at = account.now().replace(microsecond=0) - timedelta(days=2)
+    for index, size in enumerate(sizes):
+        segment_id = account.create_segment(f"Segment {index + 1}")
+        for rank, profile_id in enumerate(rng.sample(profiles, size)):
+            account.join(segment_id, profile_id, at=joined_at - timedelta(minutes=rank))
+    return account
+
+
+def one_page_segment(account: Account, members: int = 60) -> str:
+    """A new segment small enough for one page, its members joined a day ago."""
+    segment_id = account.create_segment(f"{members} members")
+    joined_at = account.now().replace(microsecond=0) - timedelta(days=1)
+    for profile_id in sorted(account.profiles())[:members]:
+        account.join(segment_id, profile_id, at=joined_at)
+    return segment_id
 
 
 def roomiest_segments(account: Account, count: int = 1) -> List[str]:

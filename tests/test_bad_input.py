@@ -93,7 +93,7 @@ class Outcome:
     returncode: int
     stdout: str
     stderr: str
-    seconds: float
+    seconds: float  # wall time of the script, for a reader of a failure
     database: Path
     api_key: str
 
@@ -186,7 +186,10 @@ def test_bad_input_fails_with_one_clear_line_and_writes_nothing(
     assert outcome.api_key not in outcome.stdout + outcome.stderr
 
 
-def test_an_unreachable_base_url_fails_fast(outcomes: Dict[str, Outcome]) -> None:
-    # dlt's default retries (5 attempts, backoff 1 s) would wait 15 s: refused is not retried
-    # while the host has never answered.
-    assert outcomes["unreachable-base-url"].seconds < 10
+def test_an_unreachable_base_url_is_not_retried(outcomes: Dict[str, Outcome]) -> None:
+    # dlt's default retries (5 attempts, backoff 1 s) would wait 15 s for a typo: refused is
+    # not retried while the host has never answered. Every retry is announced on the
+    # per-segment output ("attempt 2 of 5 in 1.0 s"): there is none.
+    outcome = outcomes["unreachable-base-url"]
+    assert outcome.returncode == 1
+    assert "attempt 2 of" not in outcome.stdout + outcome.stderr

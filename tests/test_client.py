@@ -1,5 +1,6 @@
 """Every documented parameter of the ten client operations, spoken over HTTP to the simulator."""
 
+from collections import Counter
 from datetime import timedelta
 from typing import Any, Dict, List
 
@@ -14,6 +15,7 @@ from klaviyo_source.errors import (
     KlaviyoPermissionError,
 )
 from klaviyo_source.filters import filter_datetime, quoted
+from klaviyo_source.quota import RateLimiter
 from klaviyo_source.rows import parse_datetime
 from klaviyo_source.simulator import Account, KlaviyoSimulator
 
@@ -158,6 +160,30 @@ def test_get_segment_profiles_with_every_parameter(
     ):
         found = newest_client.get_segment_profiles(segment_id, filter=expression)
         assert [member.id for page in found for member in page] == [one], expression
+
+
+def test_every_page_of_a_walk_spends_the_budgets_of_the_first(account: Account) -> None:
+    # predictive_analytics costs the M tier, 10 a second, on every page: at ten times Klaviyo's
+    # pace one thread reading pages back to back would overrun it if next pages spent less.
+    segment_id = _populated(account)
+    with KlaviyoSimulator(account, rate_limits=True, time_scale=10) as served:
+        client = KlaviyoClient(
+            served.api_key, served.base_url, rate_limiter=RateLimiter(time_scale=10)
+        )
+        pages = list(
+            client.get_segment_profiles(
+                segment_id, additional_fields_profile=["predictive_analytics"], page_size=25
+            )
+        )
+        statuses = [record.status for record in served.request_log]
+        charged = Counter(charge.bucket for charge in served.limiter.charged)
+
+    assert len(pages) > 20
+    assert statuses == [200] * len(pages)
+    assert charged == {
+        "get_segment_profiles": len(pages),
+        "additional-fields:predictive_analytics": len(pages),
+    }
 
 
 def test_get_segment_relationships_profiles(account: Account, client: KlaviyoClient) -> None:

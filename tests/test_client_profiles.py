@@ -6,9 +6,9 @@ from typing import Any, Dict, List
 import pytest
 
 from klaviyo_source.client import KlaviyoClient, resources_of
+from klaviyo_source.endpoints import GET_PROFILES, GET_SEGMENT_PROFILES, Budget, tier_windows
 from klaviyo_source.errors import KlaviyoBadRequest
 from klaviyo_source.filters import filter_datetime, quoted
-from klaviyo_source.rate_limits import Budget, RateLimiter, budgets_for
 from klaviyo_source.simulator import Account, KlaviyoSimulator
 
 
@@ -76,14 +76,11 @@ def test_a_filter_klaviyo_refuses_raises_bad_request(client: KlaviyoClient) -> N
 
 
 def test_profiles_draw_on_their_own_large_budget() -> None:
-    url = "https://a.klaviyo.com/api/profiles?page%5Bsize%5D=100"
-    assert budgets_for("GET", url) == [Budget("get_profiles", "L")]
-    predictive = url + "&additional-fields%5Bprofile%5D=subscriptions,predictive_analytics"
-    assert budgets_for("GET", predictive) == [
-        Budget("get_profiles", "L"),
+    own = Budget("get_profiles", "L")
+    assert GET_PROFILES.budgets() == (own,)
+    assert GET_PROFILES.budgets(["subscriptions", "predictive_analytics"]) == (
+        own,
         Budget("predictive_analytics", "M"),
-    ]
-    segment_members = "https://a.klaviyo.com/api/segments/AbC123/profiles"
-    assert budgets_for("GET", segment_members)[0].name != "get_profiles"
-    rates = RateLimiter(revision="2025-04-15").rates("L")
-    assert [(rate.limit, rate.interval) for rate in rates] == [(75, 1000), (700, 60000)]
+    )
+    assert GET_SEGMENT_PROFILES.budgets()[0] != own
+    assert tier_windows("L", revision="2025-04-15") == [(75, 1.0), (700, 60.0)]

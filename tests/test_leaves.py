@@ -1,5 +1,7 @@
-"""Profiles leaving segments: found, dated within bounds, kept as history; only due walks."""
+"""Profiles leaving segments: found by the next run however the segment is checked, dated within
+bounds, kept as history."""
 
+import math
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -8,9 +10,9 @@ from typing import Callable, Dict, List, Tuple
 import dlt
 import pytest
 from expected import loaded_memberships, query, true_memberships, utc
-from scenarios import settled_segments
+from scenarios import one_page_segment, settled_segments
 
-from klaviyo_source import held, memberships
+from klaviyo_source import held, memberships, settings
 from klaviyo_source.simulator import Account, KlaviyoSimulator
 
 Leaves = Dict[Tuple[str, str], datetime]
@@ -68,29 +70,132 @@ def test_a_leave_is_found_and_dated_within_its_bounds(
     assert len(periods) == 1 and periods[0][0] is not None
 
 
-def test_count_guided_run_walks_only_segments_whose_counts_differ(
+def _requests_of(simulator: KlaviyoSimulator, operation: str, segment_id: str) -> list:
+    return [
+        record
+        for record in simulator.request_log
+        if record.operation == operation and record.path.split("/")[3] == segment_id
+    ]
+
+
+def _outsiders(account: Account, segment_id: str, count: int) -> List[str]:
+    members = account.members(segment_id)
+    return [pid for pid in sorted(account.profiles()) if pid not in members][:count]
+
+
+def test_leaves_in_small_and_large_segments_are_all_found_by_the_next_run(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    source_for: Callable,
+    make_pipeline: Callable,
+    counting_pays: None,
+) -> None:
+    """A one-page segment is read whole by its pass, small segments have their ids walked, the
+    two largest are counted (their counts differ, so their ids are walked too)."""
+    one_page = one_page_segment(account)
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    settled = settled_segments(account)
+    leaves: Leaves = {}
+    for segment_id in settled:
+        for profile_id in sorted(account.members(segment_id))[:2]:
+            _leave(account, segment_id, profile_id, leaves)
+
+    simulator.reset_counters()
+    pipeline.run(source_for())
+
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    _assert_leaves_within_bounds(pipeline, leaves)
+    assert {key for key, row in _ended(pipeline).items() if row == "left"} == set(leaves)
+    (pass_of_one_page,) = _requests_of(simulator, "get_segment_profiles", one_page)
+    assert "filter" not in pass_of_one_page.query
+    assert _requests_of(simulator, "get_segment_relationships_profiles", one_page) == []
+    for large in settled[:2]:
+        assert len(_requests_of(simulator, "get_segment", large)) == 1  # its count
+    for segment_id in set(settled) - {one_page}:
+        pages = _requests_of(simulator, "get_segment_relationships_profiles", segment_id)
+        assert len(pages) == math.ceil(len(account.members(segment_id)) / 100)
+
+
+def _ended(pipeline: dlt.Pipeline) -> Dict[Tuple[str, str], str]:
+    rows = query(
+        pipeline,
+        "SELECT segment_id, profile_id, left_reason FROM segment_memberships WHERE NOT is_member",
+    )
+    return {(segment_id, profile_id): reason for segment_id, profile_id, reason in rows}
+
+
+@pytest.mark.parametrize("revision", ["2025-10-15", settings.DEFAULT_REVISION])
+def test_an_id_walk_finds_joins_behind_the_lookback_with_their_join_time(
+    revision: str,
     account: Account,
     simulator: KlaviyoSimulator,
     source_for: Callable,
     make_pipeline: Callable,
 ) -> None:
+    """From revision 2025-10-15 their rows are fetched by profile_id; before it, the segment is
+    read whole, which also finds them."""
+    pipeline = make_pipeline()
+    pipeline.run(source_for(revision=revision))
+    segment_id = settled_segments(account)[1]  # the largest holds every profile already
+    cursor = max(account.members(segment_id).values())
+    behind = cursor - settings.DEFAULT_LOOKBACK - timedelta(hours=2)
+    late = _outsiders(account, segment_id, 3)
+    assert len(late) == 3
+    for profile_id in late:
+        account.join(segment_id, profile_id, at=behind)
+    leaver = sorted(account.members(segment_id))[-1]
+    leaves: Leaves = {}
+    _leave(account, segment_id, leaver, leaves)
+
+    simulator.reset_counters()
+    pipeline.run(source_for(revision=revision))
+
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    assert {pid: loaded_memberships(pipeline)[segment_id][pid] for pid in late} == dict.fromkeys(
+        late, behind
+    )
+    _assert_leaves_within_bounds(pipeline, leaves)
+    passes = _requests_of(simulator, "get_segment_profiles", segment_id)
+    by_id = [r for r in passes if "any(profile_id" in r.query.get("filter", "")]
+    read_whole = [r for r in passes if "filter" not in r.query]
+    if revision >= settings.PROFILE_ID_FILTER_SINCE:
+        assert len(by_id) == 1 and all(pid in by_id[0].query["filter"] for pid in late)
+        assert read_whole == []
+    else:
+        assert by_id == []
+        assert len(read_whole) == math.ceil(len(account.members(segment_id)) / 100)
+
+
+def test_a_leave_a_late_join_hides_from_the_count_is_found_by_the_scheduled_full_walk(
+    account: Account,
+    simulator: KlaviyoSimulator,
+    source_for: Callable,
+    make_pipeline: Callable,
+    counting_pays: None,
+) -> None:
     pipeline = make_pipeline()
     pipeline.run(source_for())
-    changed = settled_segments(account)[1]
+    counted = settled_segments(account)[1]  # the largest holds every profile already
     leaves: Leaves = {}
-    for profile_id in list(account.members(changed))[:3]:
-        _leave(account, changed, profile_id, leaves)
+    _leave(account, counted, sorted(account.members(counted))[0], leaves)
+    cursor = max(account.members(counted).values())
+    (late,) = _outsiders(account, counted, 1)
+    joined_at = cursor - settings.DEFAULT_LOOKBACK - timedelta(hours=2)
+    account.join(counted, late, at=joined_at)
 
     simulator.reset_counters()
     pipeline.run(source_for())
 
-    populated = [sid for sid, members in account.memberships().items() if members]
-    assert _walked_in_full(simulator, populated) == {changed}
-    members = len(account.members(changed))
-    full_walk_pages = max(1, -(-members // 100))
-    incremental = len(account.segments())
-    assert simulator.counters["get_segment_profiles"] == incremental + full_walk_pages
+    # The count equals the members held: the leave and the late join cancel out.
+    assert len(_requests_of(simulator, "get_segment", counted)) == 1
+    assert _requests_of(simulator, "get_segment_relationships_profiles", counted) == []
+    assert _ended(pipeline) == {}
+
+    pipeline.run(source_for(full_reconcile_every_hours=1 / 3600))
+
     assert loaded_memberships(pipeline) == true_memberships(account)
+    assert loaded_memberships(pipeline)[counted][late] == joined_at
     _assert_leaves_within_bounds(pipeline, leaves)
 
 

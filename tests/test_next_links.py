@@ -18,8 +18,8 @@ from scenarios import join_outsiders, largest_segment, roomiest_segments
 from script_runs import run_script, script_env, stderr_lines
 
 from klaviyo_source import klaviyo
-from klaviyo_source.client import origin_of
 from klaviyo_source.errors import KlaviyoForeignOrigin
+from klaviyo_source.origins import origin_of
 from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
 from klaviyo_source.summary import failed_segments
 

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set
@@ -31,8 +32,9 @@ from expected import loaded_memberships, query, table_snapshot, true_memberships
 from klaviyo_source import klaviyo
 from klaviyo_source.client import KlaviyoClient
 from klaviyo_source.errors import KlaviyoRateLimited, KlaviyoServerError
-from klaviyo_source.rate_limits import RateLimiter
-from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
+from klaviyo_source.quota import RateLimiter
+from klaviyo_source.simulator import ALL_SCOPES, Account, KlaviyoSimulator, generate_account
+from klaviyo_source.simulator.rate_limits import WINDOW_KINDS
 from klaviyo_source.summary import failed_segments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +182,7 @@ FAULTS = [
     pytest.param("status", {"status": 503}, 503, id="503"),
     pytest.param("reset", {}, None, id="reset"),
     pytest.param("truncate", {}, None, id="truncate"),
-    pytest.param("slow", {"delay": 1.2}, None, id="slow"),
+    pytest.param("slow", {"delay": 4.0}, None, id="slow"),
     pytest.param("throttle", {"retry_after": 1}, 429, id="throttle-retry-after"),
     pytest.param("throttle", {"retry_after": None}, 429, id="throttle-no-retry-after"),
 ]
@@ -197,7 +199,9 @@ def test_each_fault_is_retried_and_the_tables_equal_the_truth(
     make_pipeline: Callable,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("RUNTIME__REQUEST_TIMEOUT", "0.4")  # the slow fault answers after 1.2 s
+    # The slow fault answers after 4 s. Every other answer must come within the timeout, also
+    # on a loaded machine with threads switched every microsecond: a late one is asked again.
+    monkeypatch.setenv("RUNTIME__REQUEST_TIMEOUT", "2")
     times = 3
     simulator.inject_fault(kind, times=times, path_contains="/profiles", **options)
     pipeline = make_pipeline()
@@ -220,12 +224,14 @@ def test_each_fault_is_retried_and_the_tables_equal_the_truth(
 # -- 2. rate budgets shared by threads ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("windows", WINDOW_KINDS)
 def test_parallel_walks_keep_to_the_published_tiers_and_collect_no_429(
-    account: Account, make_pipeline: Callable
+    windows: str, account: Account, make_pipeline: Callable
 ) -> None:
     # Klaviyo's real windows (time scale 1): predictive_analytics costs the M tier, 10 a
-    # second across all segments, which five workers would overrun without pacing.
-    with KlaviyoSimulator(account, rate_limits=True) as simulator:
+    # second across all segments, which five workers would overrun without pacing. Klaviyo's
+    # windows are fixed; the pacing must hold where they slide too.
+    with KlaviyoSimulator(account, rate_limits=True, windows=windows) as simulator:
         pipeline = make_pipeline()
         started = time.monotonic()
         run(
@@ -389,6 +395,8 @@ def test_remaining_zero_pauses_the_budget_until_the_window_resets(account: Accou
                         time.sleep(0.02)
                     elif int(answer.headers["RateLimit-Remaining"]) <= 1:
                         break
+            # Past the neighbour's burst window (50 ms at this scale): only the minute is spent.
+            time.sleep(0.06)
             for _ in range(3):
                 list(client.get_tags())
             if limiter.stats.exhausted:
@@ -445,6 +453,137 @@ def test_threads_share_the_stricter_tiers(
     assert stamps[-1] - stamps[0] >= (count / per_window - 1) * window
     # Logged when answered: allow for the latency that varies from request to request.
     assert all(b - a >= window - 0.03 for a, b in zip(stamps, stamps[per_window:], strict=False))
+
+
+def charged(simulator: KlaviyoSimulator, operation: str) -> List[float]:
+    """When the simulator counted each allowed request of an operation, in scaled seconds since
+    its rate limits started: its own record of what went into which window."""
+    return [c.at for c in simulator.limiter.charged if c.bucket == operation]
+
+
+def per_window(stamps: List[float], seconds: float = 60.0) -> List[int]:
+    """Requests in each fixed window of `seconds`, from the first window to the last used."""
+    counts = Counter(int(at // seconds) for at in stamps)
+    return [counts[index] for index in range(min(counts), max(counts) + 1)]
+
+
+@pytest.mark.parametrize(
+    ("windows", "until_room"),
+    [
+        # Fixed: the window resets 60 s after it began, 11 s after the 60th request.
+        pytest.param("fixed", 11.0, id="fixed"),
+        # Sliding: room comes back as the first requests, sent at 30 s, leave the window at
+        # 90 s; then as many a second as left a second, as Klaviyo's headers say.
+        pytest.param("sliding", 41.0, id="sliding"),
+    ],
+)
+def test_a_run_started_mid_window_spends_what_is_left_at_the_burst_rate_then_waits_for_the_reset(
+    windows: str, until_room: float, account: Account
+) -> None:
+    # One clock for the simulator's windows and the client's waits, moved only by those waits:
+    # every wait is exact. Segment tags cost the S tier: 3 a second, 60 a minute.
+    clock = ManualClock(advance_on_sleep=True)
+    with KlaviyoSimulator(
+        account, rate_limits=True, windows=windows, rate_limit_clock=clock
+    ) as simulator:
+        clock.advance(30.0)  # the run starts half way through Klaviyo's minute
+        limiter = RateLimiter(clock=clock, sleep=clock.sleep)
+        client = KlaviyoClient(simulator.api_key, simulator.base_url, rate_limiter=limiter)
+        segment_id = sorted(account.segments())[0]
+        for _ in range(75):
+            client.get_segment_tags(segment_id)
+        sent = charged(simulator, "get_segment_tags")
+
+    assert statuses(simulator) == Counter({200: 75})
+    # The 60 requests the minute has left go three a second from 30 s on, with nothing spread
+    # over the rest of the minute; the run then waits until Klaviyo has room again.
+    assert clock.sleeps == [1.0] * 19 + [until_room] + [1.0] * 4
+    assert sent[:60] == [30.0 + second for second in range(20) for _ in range(3)]
+    assert sent[60] == 49.0 + until_room
+    assert per_window(sent) == [60, 15]
+    assert limiter.stats.exhausted >= 1 and limiter.stats.throttled == 0
+
+
+def test_two_runs_at_half_the_share_each_spend_the_window_together(account: Account) -> None:
+    # Two integrations with keys of one account, each at rate_limit_share 0.5 of the S tier:
+    # one request a second and 30 of the minute's 60 each. They take turns from 10 s into the
+    # minute, with 50 s of room at that rate; one clock, moved by their waits.
+    keys = {"pk_first_0123456789": ALL_SCOPES, "pk_second_0123456789": ALL_SCOPES}
+    clock = ManualClock(advance_on_sleep=True)
+    with KlaviyoSimulator(
+        account, api_keys=keys, rate_limits=True, rate_limit_clock=clock
+    ) as simulator:
+        clock.advance(10.0)
+        clients = [
+            KlaviyoClient(
+                key,
+                simulator.base_url,
+                rate_limiter=RateLimiter(share=0.5, clock=clock, sleep=clock.sleep),
+            )
+            for key in keys
+        ]
+        segment_id = sorted(account.segments())[0]
+        for _ in range(40):
+            for client in clients:
+                client.get_segment_tags(segment_id)
+        sent = charged(simulator, "get_segment_tags")
+        answered = Counter((r.api_key, r.status) for r in simulator.request_log)
+
+    assert answered == Counter({(key, 200): 40 for key in keys})
+    # Turn by turn, 30 each fill the minute; neither takes the other's half.
+    assert per_window(sent) == [60, 20]
+
+
+def test_the_limit_klaviyo_names_replaces_the_published_one(account: Account) -> None:
+    # The limiter starts from revision 2025-04-15's 700 a minute for the L tier; Klaviyo,
+    # asked with revision 2026-07-15, grants 750 and says so in RateLimit-Limit.
+    clock = ManualClock(advance_on_sleep=True)
+    with KlaviyoSimulator(account, rate_limits=True, rate_limit_clock=clock) as simulator:
+        limiter = RateLimiter(revision="2025-04-15", clock=clock, sleep=clock.sleep)
+        client = KlaviyoClient(
+            simulator.api_key, simulator.base_url, "2026-07-15", rate_limiter=limiter
+        )
+        segment_id = sorted(account.segments())[0]
+        for _ in range(760):
+            client.get_segment(segment_id)
+        sent = charged(simulator, "get_segment")
+
+    assert statuses(simulator) == Counter({200: 760})
+    assert per_window(sent) == [750, 10]
+    assert clock.sleeps == [1.0] * 9 + [51.0]  # 75 a second from 0 s, then the rest of the minute
+
+
+@pytest.mark.parametrize("windows", WINDOW_KINDS)
+def test_parallel_requests_spend_a_window_at_the_burst_rate_and_collect_no_429(
+    windows: str, account: Account
+) -> None:
+    # Eight threads ask for segment tags (S tier: 3 a second, 60 a minute) on Klaviyo's clock
+    # run ten times faster: a minute lasts 6 s. The run starts a quarter of the way through a
+    # minute, whose last 45 s leave room for its 60 at three a second.
+    scale = 10.0
+    offset = [0.0]
+    with KlaviyoSimulator(
+        account,
+        rate_limits=True,
+        time_scale=scale,
+        windows=windows,
+        rate_limit_clock=lambda: time.monotonic() + offset[0],
+    ) as simulator:
+        offset[0] = (1.5 - simulator.limiter.elapsed()) % 6.0
+        client = KlaviyoClient(
+            simulator.api_key, simulator.base_url, rate_limiter=RateLimiter(time_scale=scale)
+        )
+        segment_ids = sorted(account.segments())
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(client.get_segment_tags, [segment_ids[i % 6] for i in range(100)]))
+        sent = charged(simulator, "get_segment_tags")
+
+    assert statuses(simulator) == Counter({200: 100})
+    if windows == "fixed":
+        # What the first minute had left is spent before its reset, and the next minute's
+        # share right after it, three a (scaled) second: not spread over the minute.
+        assert per_window(sent) == [60, 40]
+        assert all(at % 60 < 30 for at in sent[60:])
 
 
 # -- 3. a failing segment, an aborted extract, a crash before load ---------------------------

@@ -11,6 +11,7 @@ import sys
 import threading
 
 from .generator import generate_account
+from .rate_limits import WINDOW_KINDS
 from .server import KlaviyoSimulator
 from .spec_tables import ALL_SCOPES
 
@@ -30,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memberships", type=int, default=9000)
     parser.add_argument("--no-rate-limits", action="store_true")
     parser.add_argument("--time-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--windows",
+        choices=WINDOW_KINDS,
+        default="fixed",
+        help="rate-limit windows: fixed as Klaviyo documents them, or sliding",
+    )
     parser.add_argument("--api-key", default=None, help="private key to accept (all scopes)")
     args = parser.parse_args(argv)
 
@@ -47,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         rate_limits=not args.no_rate_limits,
         time_scale=args.time_scale,
         port=args.port,
+        windows=args.windows,
     )
     with sim:
         print(f"base_url={sim.base_url}", flush=True)

@@ -1,9 +1,16 @@
-"""Klaviyo's per-account rate limits as fixed windows (burst 1 s, steady 60 s, daily 24 h).
+"""Klaviyo's per-account rate limits: burst 1 s, steady 60 s and daily 24 h windows.
 
 Each request is charged to one or more buckets (its endpoint's tier plus, for costly
 ``additional-fields``, a bucket shared across endpoints). Window lengths are divided by
 ``time_scale`` so tests can trip limits quickly: with ``time_scale=60`` a 60 s window lasts 1 s.
 Throttled requests are not counted.
+
+Klaviyo documents fixed windows (``windows="fixed"``, the default): counts start again at
+every multiple of the window's length since the limiter started, and ``RateLimit-Reset`` is the
+time left in the steady window. ``windows="sliding"`` counts instead the requests of the last
+window's length, for clients that must not rely on fixed windows: there ``RateLimit-Reset`` and
+``Retry-After`` are the time until the oldest counted request leaves the window, the moment the
+count next drops.
 """
 
 from __future__ import annotations
@@ -11,12 +18,14 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 BURST = 1.0
 STEADY = 60.0
 DAILY = 86400.0
+WINDOW_KINDS = ("fixed", "sliding")
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,10 @@ class Decision:
     reset: int = 0
 
     def headers(self) -> dict[str, str]:
-        """``RateLimit-*`` headers for an allowed request (steady window of the endpoint)."""
+        """``RateLimit-*`` headers for an allowed request (steady window of the endpoint);
+        none when limits are off, since there is no window to describe."""
+        if self.limit == 0:
+            return {}
         return {
             "RateLimit-Limit": str(self.limit),
             "RateLimit-Remaining": str(self.remaining),
@@ -73,8 +85,26 @@ class Decision:
         }
 
 
+@dataclass(frozen=True)
+class Charged:
+    """An allowed request as a bucket counted it: ``at`` scaled seconds after the start."""
+
+    bucket: str
+    at: float
+
+
+@dataclass(frozen=True)
+class _State:
+    """One window of one bucket at the moment of a check."""
+
+    bucket: str
+    window: Window
+    count: int  # requests counted in the window
+    frees_in: float  # real seconds until the count drops
+
+
 class RateLimiter:
-    """Fixed-window counters shared by every key of the account."""
+    """Rate-limit counters shared by every key of the account, in fixed or sliding windows."""
 
     def __init__(
         self,
@@ -82,52 +112,86 @@ class RateLimiter:
         time_scale: float = 1.0,
         enabled: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        windows: str = "fixed",
     ) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
+        if windows not in WINDOW_KINDS:
+            raise ValueError(f"windows must be one of {WINDOW_KINDS}, got {windows!r}")
         self.time_scale = float(time_scale)
         self.enabled = enabled
+        self.windows = windows
         self._clock = clock
         self._start = clock()
         self._lock = threading.Lock()
-        self._counts: dict[tuple[str, float], tuple[int, int]] = {}
+        self._counts: dict[tuple[str, float], tuple[int, int]] = {}  # fixed: (index, count)
+        self._arrivals: dict[tuple[str, float], deque[float]] = {}  # sliding: scaled times
+        self.charged: list[Charged] = []  # every allowed request, while limits are enforced
 
     def reset(self) -> None:
-        """Forget all counts."""
+        """Forget all counts and the record of charges."""
         with self._lock:
             self._counts.clear()
+            self._arrivals.clear()
+            self.charged.clear()
 
-    def _position(self, seconds: float) -> tuple[int, float]:
-        """(window index, real seconds left in it) for a nominal window length."""
-        scaled = (self._clock() - self._start) * self.time_scale
-        index = int(scaled // seconds)
-        left_real = ((index + 1) * seconds - scaled) / self.time_scale
-        return index, left_real
+    def elapsed(self) -> float:
+        """Real seconds since the limiter started: fixed windows begin at its multiples of
+        their scaled length."""
+        return self._clock() - self._start
+
+    def _now(self) -> float:
+        """Scaled seconds since the limiter started."""
+        return (self._clock() - self._start) * self.time_scale
+
+    def _state(self, bucket: str, window: Window, now: float) -> _State:
+        key = (bucket, window.seconds)
+        if self.windows == "sliding":
+            arrivals = self._arrivals.setdefault(key, deque())
+            while arrivals and arrivals[0] <= now - window.seconds:
+                arrivals.popleft()
+            frees_at = arrivals[0] + window.seconds if arrivals else now + window.seconds
+            return _State(bucket, window, len(arrivals), (frees_at - now) / self.time_scale)
+        index = int(now // window.seconds)
+        counted_index, count = self._counts.get(key, (index, 0))
+        left = ((index + 1) * window.seconds - now) / self.time_scale
+        return _State(bucket, window, count if counted_index == index else 0, left)
+
+    def _count(self, state: _State, now: float) -> None:
+        key = (state.bucket, state.window.seconds)
+        if self.windows == "sliding":
+            self._arrivals[key].append(now)
+        else:
+            self._counts[key] = (int(now // state.window.seconds), state.count + 1)
 
     def check(self, charges: Sequence[Charge]) -> Decision:
         """Charge a request; the first charge's steady window feeds the ``RateLimit-*`` values."""
+        if not self.enabled:
+            return Decision(True)
         with self._lock:
-            states: list[tuple[tuple[str, float], int, int, Window, float]] = []
-            for charge in charges:
-                for window in charge.windows:
-                    key = (charge.bucket, window.seconds)
-                    index, left = self._position(window.seconds)
-                    prev_index, count = self._counts.get(key, (index, 0))
-                    if prev_index != index:
-                        count = 0
-                    states.append((key, index, count, window, left))
+            now = self._now()
+            states = [
+                self._state(charge.bucket, window, now)
+                for charge in charges
+                for window in charge.windows
+            ]
             if self.enabled:
-                blocked = [left for _, _, count, w, left in states if count >= w.limit]
+                blocked = [state.frees_in for state in states if state.count >= state.window.limit]
                 if blocked:
                     return Decision(False, retry_after=max(1, math.ceil(max(blocked))))
-                for key, index, count, _, _ in states:
-                    self._counts[key] = (index, count + 1)
-            primary = [s for s in states if s[0][0] == charges[0].bucket]
-            steady = next((s for s in primary if s[3].seconds == STEADY), primary[-1])
-            used = steady[2] + 1 if self.enabled else 0
+                for state in states:
+                    self._count(state, now)
+                self.charged.extend(Charged(charge.bucket, now) for charge in charges)
+            primary = [state for state in states if state.bucket == charges[0].bucket]
+            steady = next((s for s in primary if s.window.seconds == STEADY), primary[-1])
+            used = steady.count + 1 if self.enabled else 0
+            if self.windows == "sliding" and steady.count == 0:
+                frees_in = steady.window.seconds / self.time_scale  # this request is the oldest
+            else:
+                frees_in = steady.frees_in
             return Decision(
                 True,
-                limit=steady[3].limit,
-                remaining=max(0, steady[3].limit - used),
-                reset=max(1, math.ceil(steady[4])),
+                limit=steady.window.limit,
+                remaining=max(0, steady.window.limit - used),
+                reset=max(1, math.ceil(frees_in)),
             )

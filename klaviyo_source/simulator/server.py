@@ -241,8 +241,9 @@ class KlaviyoSimulator:
     """Serve an ``Account`` as the Klaviyo API on 127.0.0.1.
 
     ``api_keys`` maps key -> scopes; ``None`` creates one private key with ``ALL_SCOPES``
-    (``api_key``). ``rate_limits`` enables Klaviyo's fixed-window limits; ``time_scale``
-    shortens their windows. Use as a context manager or call ``start()``/``stop()``.
+    (``api_key``). ``rate_limits`` enables Klaviyo's limits; ``time_scale`` shortens their
+    windows, and ``windows`` is ``"fixed"`` (Klaviyo's, the default) or ``"sliding"`` (see
+    ``rate_limits``). Use as a context manager or call ``start()``/``stop()``.
     Extras beyond the public contract: ``fault_seed`` (seeds probabilistic faults),
     ``rate_limit_clock`` (a monotonic-seconds callable, for deterministic limit tests) and
     ``reports`` (the segment reports' lag and daily cap, ``segment_reports.ReportSettings``).
@@ -256,6 +257,7 @@ class KlaviyoSimulator:
         time_scale: float = 1.0,
         port: int = 0,
         *,
+        windows: str = "fixed",
         fault_seed: int | None = None,
         rate_limit_clock: Callable[[], float] | None = None,
         reports: ReportSettings | None = None,
@@ -268,7 +270,10 @@ class KlaviyoSimulator:
             self.api_keys = {k: set(v) for k, v in api_keys.items()}
             self.api_key = next(iter(self.api_keys), "")
         self.limiter = RateLimiter(
-            time_scale=time_scale, enabled=rate_limits, clock=rate_limit_clock or time.monotonic
+            time_scale=time_scale,
+            enabled=rate_limits,
+            clock=rate_limit_clock or time.monotonic,
+            windows=windows,
         )
         self.faults = FaultInjector(fault_seed)
         # The segment reports' lag and daily cap; change them while serving if need be.

@@ -130,9 +130,15 @@ def test_revision_differences(sim: KlaviyoSimulator, tools: Any, sim_account: An
     field = {"fields[profile]": "subscriptions.mobile_push"}
     assert old.get(f"/api/segments/{sid}/profiles", field).status_code == 400
     assert new.get(f"/api/segments/{sid}/profiles", field).status_code == 200
-    # the L tier's steady limit grew from 700/m to 750/m in 2026-01-15
-    assert mid.get("/api/segments").headers["RateLimit-Limit"] == "700"
-    assert new.get("/api/segments").headers["RateLimit-Limit"] == "750"
+    # the L tier's steady limit grew from 700/m to 750/m in 2026-01-15 (limits on: a server
+    # without limits describes no window)
+    assert "RateLimit-Limit" not in mid.get("/api/segments").headers
+    sim.rate_limits_enabled = True
+    try:
+        assert mid.get("/api/segments").headers["RateLimit-Limit"] == "700"
+        assert new.get("/api/segments").headers["RateLimit-Limit"] == "750"
+    finally:
+        sim.rate_limits_enabled = False  # the simulator serves the module's other tests
 
 
 def test_routes_with_and_without_trailing_slash(client: Any, tools: Any, sim_account: Any) -> None:

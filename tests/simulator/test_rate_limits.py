@@ -207,3 +207,38 @@ def test_limiter_windows_unit(clock: FakeClock) -> None:
     decision = scaled.check(charge)
     assert decision.allowed and decision.reset == 6  # a 60 s window lasts 6 s at 10x
     assert tier_windows("L", 700)[1].limit == 700 and tier_windows("XL")[0].limit == 350
+
+
+def test_sliding_windows_count_the_last_window_whatever_its_alignment(clock: FakeClock) -> None:
+    limiter = RateLimiter(clock=clock, windows="sliding")
+    charge = [Charge("x", tier_windows("S"))]
+    clock.t += 0.9
+    assert [limiter.check(charge).allowed for _ in range(3)] == [True, True, True]
+    clock.t += 0.2  # past where a fixed burst window would have started again
+    blocked = limiter.check(charge)
+    assert not blocked.allowed and blocked.retry_after == 1  # the oldest leaves in 0.8 s
+    clock.t += 0.81
+    allowed = limiter.check(charge)
+    assert allowed.allowed and allowed.remaining == 60 - 4
+    # Reset: until the oldest counted request (at 0.9 s) leaves the steady window at 60.9 s.
+    assert allowed.reset == 59  # 58.99 s on
+    clock.t += 58.5
+    assert limiter.check(charge).reset == 1
+    with pytest.raises(ValueError, match="windows"):
+        RateLimiter(clock=clock, windows="rolling")
+
+
+def test_sliding_windows_over_http_throttle_until_the_oldest_request_leaves(
+    clock: FakeClock, tools: Any
+) -> None:
+    account = generate_account(seed=9, segments=3, tags=2, profiles=40, memberships=60)
+    with KlaviyoSimulator(account, rate_limit_clock=clock, windows="sliding") as sim:
+        client = tools.Client(sim)
+        clock.t += 0.5
+        assert [client.get("/api/tags").status_code for _ in range(3)] == [200] * 3
+        clock.t += 0.75  # a fixed window would have let three more through at 1.0 s
+        _assert_throttled(client.get("/api/tags"), 1)
+        clock.t += 0.25
+        ok = client.get("/api/tags")
+        assert ok.status_code == 200 and ok.headers["RateLimit-Remaining"] == "56"
+        assert [c.bucket for c in sim.limiter.charged] == ["get_tags"] * 4
