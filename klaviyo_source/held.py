@@ -22,6 +22,7 @@ from dlt.destinations.exceptions import DatabaseUndefinedRelation
 from dlt.destinations.sql_client import SqlClientBase
 
 from . import settings
+from .profile_ids import JoinedTimes
 from .views import appends_versions, newest_version_of_each_key
 
 # Rows read from the destination at a time when a whole segment is read.
@@ -194,19 +195,21 @@ class HeldData:
         rows = self._fetch(settings.MEMBERSHIPS_TABLE, ("segment_id", "is_member"), sql)
         return {segment_id: int(count) for segment_id, count in rows}
 
-    def joined_times(self, segment_id: str) -> Dict[str, datetime]:
+    def joined_times(self, segment_id: str) -> JoinedTimes:
         """When each current member of a segment joined, by profile id.
 
-        All a full walk needs to compare, read in chunks: about 150 bytes a member, where
-        whole held rows read as one list took 420 at their peak. A reconciliation holds this
-        for every segment it walks at once, one for each extract worker.
+        All a full walk needs to compare, read in chunks into a compact map (`JoinedTimes`)
+        rather than a dict or whole held rows. A reconciliation holds this for every segment
+        it walks at once, one for each extract worker; each belongs to its walk's thread
+        alone.
         """
         needs = ("profile_id", "joined_group_at", "is_member")
         sql = f"SELECT profile_id, joined_group_at FROM {{table}} WHERE {_CURRENT}"
-        joined: Dict[str, datetime] = {}
+        joined = JoinedTimes()
         with self._fetching(settings.MEMBERSHIPS_TABLE, needs, sql, segment_id) as cursor:
             while cursor is not None and (chunk := cursor.fetchmany(FETCH_ROWS)):
-                joined.update(chunk)
+                for profile_id, joined_at in chunk:
+                    joined[profile_id] = joined_at
         return joined
 
     def profiles_among(self, profile_ids: Sequence[str]) -> Dict[str, HeldProfile]:

@@ -6,18 +6,24 @@ the load's time and most of DuckDB's memory. A profile in twenty segments is lis
 times and its profile row loaded once; a member listed twice in one walk (it re-joined while
 the walk ran) is loaded once.
 
-Each profile id is kept once, with one bit for every segment it was listed in: about 150
-bytes a profile, where a set of ids per segment walk cost about 115 bytes a membership.
+Each profile id is kept once, compactly (`profile_ids`), with a number of its own; each
+segment keeps the numbers of its members in a Roaring bitmap, at most 2 bytes a membership. A
+dict of profile ids to segment bits kept every id's string alive besides: it grew with the
+account far more (docs/performance.md, "Memory at 10M").
 
 The profile refresh (`profile_refresh`) writes profile rows too. It claims a profile's row
-here, with a bit of its own, before writing it: a profile a walk listed first is left to the
-walk, and a walk that lists a claimed profile writes its membership but not its profile row.
-Either way one load holds each profile row once.
+here before writing it, which gives the profile a number in no segment: a profile a walk
+listed first is left to the walk, and a walk that lists a claimed profile writes its
+membership but not its profile row. Either way one load holds each profile row once.
 """
 
 import enum
 import threading
 from typing import Dict, List, Sequence
+
+from pyroaring import BitMap
+
+from .profile_ids import ProfileIdMap
 
 
 class Sighting(enum.Enum):
@@ -28,37 +34,48 @@ class Sighting(enum.Enum):
     NEW_PROFILE = "first listing of the profile in this run"
 
 
-# The bit of a profile whose row the profile refresh wrote; segments take the bits above it.
-_REFRESHED = 1
-
-
 class MembersThisRun:
-    """The members each segment walk of this run listed; safe to share between threads."""
+    """The members each segment walk of this run listed; safe to share between threads.
+
+    A profile has a number from its first listing, or from the profile refresh's claim: a
+    profile with a number has its row written in this run.
+    """
 
     def __init__(self) -> None:
-        self._segment_bits: Dict[str, int] = {}
-        self._profile_segments: Dict[str, int] = {}  # profile id -> bits of its segments
+        self._numbers = ProfileIdMap("I")
+        self._profiles = 0
+        self._segment_members: Dict[str, BitMap] = {}
         self._lock = threading.Lock()
 
     def sight(self, segment_id: str, profile_ids: Sequence[str]) -> List[Sighting]:
         """Mark these members of `segment_id` listed; say for each what it was before."""
         with self._lock:
-            bit = self._bit(segment_id)
+            members = self._segment_members.setdefault(segment_id, BitMap())
             sightings = []
             for profile_id in profile_ids:
-                segments = self._profile_segments.get(profile_id, 0)
-                if segments & bit:
+                number = self._numbers.setdefault(profile_id, self._profiles)
+                if number == self._profiles:
+                    self._profiles += 1
+                    sightings.append(Sighting.NEW_PROFILE)
+                elif number in members:
                     sightings.append(Sighting.REPEAT)
                     continue
-                self._profile_segments[profile_id] = segments | bit
-                sightings.append(Sighting.NEW_MEMBERSHIP if segments else Sighting.NEW_PROFILE)
+                else:
+                    sightings.append(Sighting.NEW_MEMBERSHIP)
+                members.add(number)
             return sightings
 
     def listed_in(self, segment_id: str, profile_ids: Sequence[str]) -> List[bool]:
         """Whether each member of `segment_id` was listed in this run."""
         with self._lock:
-            bit = self._bit(segment_id)
-            return [bool(self._profile_segments.get(pid, 0) & bit) for pid in profile_ids]
+            members = self._segment_members.get(segment_id)
+            if members is None:
+                return [False] * len(profile_ids)
+            listed = []
+            for profile_id in profile_ids:
+                number = self._numbers.get(profile_id)
+                listed.append(number is not None and number in members)
+            return listed
 
     def claim_profiles(self, profile_ids: Sequence[str]) -> List[bool]:
         """For the profile refresh: whether each profile's row is still to be written in
@@ -66,14 +83,8 @@ class MembersThisRun:
         with self._lock:
             claimed = []
             for profile_id in profile_ids:
-                free = profile_id not in self._profile_segments
+                free = self._numbers.setdefault(profile_id, self._profiles) == self._profiles
                 if free:
-                    self._profile_segments[profile_id] = _REFRESHED
+                    self._profiles += 1
                 claimed.append(free)
             return claimed
-
-    def _bit(self, segment_id: str) -> int:
-        bit = self._segment_bits.get(segment_id)
-        if bit is None:
-            bit = self._segment_bits[segment_id] = _REFRESHED << (len(self._segment_bits) + 1)
-        return bit
