@@ -52,6 +52,7 @@ from .member_pages import Member
 from .members_this_run import MembersThisRun, Sighting
 from .page_diff import diff_page, ended_membership, worth_a_look
 from .profile_counts import ProfileCount, count_differs
+from .profile_ids import JoinedTimes
 from .rows import Row, parse_datetime
 from .segment_listing import ListedSegment
 from .walk_batch import WalkBatch
@@ -173,7 +174,7 @@ class SegmentSync:
         self._passed = False
         # When each membership the walks loaded as new had joined, for the count check.
         self._join_times: List[datetime] = []
-        self._held_joined: Optional[Dict[str, datetime]] = None
+        self._held_joined: Optional[JoinedTimes] = None
 
     def run(self) -> Iterator[Any]:
         if self.leave_check is LeaveCheck.READ_WHOLE and self.cursor is not None:
@@ -228,7 +229,7 @@ class SegmentSync:
                 joined = {m.id: every_held[m.id] for m in members if m.id in every_held}
                 yield from self._changes(members, joined, self._held_rows)
 
-    def _every_held(self) -> Dict[str, datetime]:
+    def _every_held(self) -> JoinedTimes:
         """When each held member joined, read once a run (an id walk takes from it)."""
         if self._held_joined is None:
             self._held_joined = self.held.joined_times(self.segment_id)

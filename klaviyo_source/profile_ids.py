@@ -18,7 +18,7 @@ Not thread-safe: its owner locks around it if threads share it.
 import struct
 from collections.abc import MutableMapping
 from datetime import datetime, timedelta, tzinfo
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, TypeVar, Union, overload
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Crockford digits as the digits `int(..., 32)` reads; anything else as a character it refuses.
@@ -172,6 +172,7 @@ class ProfileIdMap:
 _EPOCH = datetime(1970, 1, 1)
 _MICROSECOND = timedelta(microseconds=1)
 _NOT_YET = object()
+_Default = TypeVar("_Default")
 
 
 class JoinedTimes(MutableMapping[str, datetime]):
@@ -218,7 +219,17 @@ class JoinedTimes(MutableMapping[str, datetime]):
     def __delitem__(self, profile_id: str) -> None:
         self.pop(profile_id)
 
-    def pop(self, profile_id: str, *default: datetime) -> datetime:  # type: ignore[override]
+    # MutableMapping's own pop would look the id up twice.
+    @overload
+    def pop(self, profile_id: str, /) -> datetime: ...
+
+    @overload
+    def pop(self, profile_id: str, default: datetime, /) -> datetime: ...
+
+    @overload
+    def pop(self, profile_id: str, default: _Default, /) -> Union[datetime, _Default]: ...
+
+    def pop(self, profile_id: str, /, *default: Any) -> Any:
         found = self._other_times.pop(profile_id, None)
         if found is not None:
             return found
