@@ -2,7 +2,7 @@
 
 Not a test. Run: ``.venv/bin/python tests/benchmarks/export_benchmark.py [--quick]``
 (``--quick`` is a smoke check with small accounts, under a minute; its figures mean little).
-The full run takes about 15 minutes; ``--pacing-only`` runs the limits-on figures alone.
+The full run takes about 11 minutes; ``--pacing-only`` runs the limits-on figures alone (5).
 ``--profile`` instead profiles one export with limits off and prints the top functions and
 where the time goes, grouped by layer.
 
