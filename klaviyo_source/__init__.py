@@ -69,6 +69,9 @@ def klaviyo(
     ),
     segment_reports: bool = True,
     segment_reports_start: Optional[str] = None,
+    segment_reports_reread_minutes: float = (
+        settings.DEFAULT_REPORT_REREAD_EVERY.total_seconds() / 60
+    ),
     rate_limit_share: float = 1.0,
     rate_limit_time_scale: float = 1.0,
     allow_insecure_http: bool = False,
@@ -92,6 +95,8 @@ def klaviyo(
             (from revision 2024-10-15; 225 requests a day, spent over as many runs as needed).
         segment_reports_start: First day (YYYY-MM-DD) of those reports; unset: 2023-06-01,
             the first day Klaviyo has.
+        segment_reports_reread_minutes: Read a segment's last three days again (Klaviyo's
+            figures for them may still change) at most this often; 0: every run.
         rate_limit_share: Share of each rate-limit window of the account this source may use.
         rate_limit_time_scale: Speed-up of a simulator's clock; 1 against Klaviyo.
         allow_insecure_http: Accept a plain http base_url on another machine (the key would
@@ -120,7 +125,9 @@ def klaviyo(
     )
     refresh_lookback = profile_lookback(profile_lookback_minutes)
     selection = segment_selection(segment_ids, segment_names, is_active, is_starred)
-    report_options = ReportOptions.from_config(selection.filter, segment_reports_start)
+    report_options = ReportOptions.from_config(
+        selection.filter, segment_reports_start, segment_reports_reread_minutes
+    )
     listed_for_reports = SegmentsListed()
     started = datetime.now(timezone.utc)
     run_start = RunStart(started, WALKING_RESOURCE)

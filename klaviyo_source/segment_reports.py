@@ -9,8 +9,10 @@ N days for S segments costs ceil(S/100) * ceil(N/60) requests.
 The days loaded for each segment form one unbroken range, kept in the resource's dlt state at
 `resources.segment_reports_daily.days_loaded.<segment id>` = [first, last]. Each run:
 
-1. reads again, oldest window first, each loaded segment's last days up to today (a report for
-   a recent day may still change while Klaviyo catches up), so its range never breaks;
+1. reads again, oldest window first, a loaded segment's last days up to today (a report for
+   a recent day may still change while Klaviyo catches up), so its range never breaks: each
+   segment once an hour (`segment_reports_reread_minutes`), the longest unread first, and no
+   more segments than two requests cover, so that no run waits a minute on the reports;
 2. backfills, newest window first, down to each segment's first day: the latest of its
    creation, the configured start and 2023-06-01;
 3. stops cleanly once the day's requests are spent, by its own count (`requests_sent`, the
@@ -34,7 +36,9 @@ from datetime import date, datetime, timedelta, timezone
 from typing import (
     Any,
     Callable,
+    Collection,
     Dict,
+    FrozenSet,
     Generic,
     Iterator,
     List,
@@ -92,17 +96,27 @@ _ARROW_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class ReportOptions:
-    """Which segments' reports a run reads, and from which day."""
+    """Which segments' reports a run reads, from which day, and how often it reads a
+    segment's settling days again."""
 
     segment_filter: Optional[str]
     start: date = settings.SEGMENT_REPORTS_FIRST_DAY
     settle_days: int = settings.SEGMENT_REPORTS_SETTLE_DAYS
+    reread_every: timedelta = settings.DEFAULT_REPORT_REREAD_EVERY
 
     @classmethod
-    def from_config(cls, segment_filter: Optional[str], start: Optional[str]) -> "ReportOptions":
+    def from_config(
+        cls, segment_filter: Optional[str], start: Optional[str], reread_minutes: float
+    ) -> "ReportOptions":
         """Options from the source's configuration; a start that is no date is refused."""
+        if not reread_minutes >= 0:  # also refuses NaN
+            raise KlaviyoConfigError(
+                f"segment_reports_reread_minutes {reread_minutes!r} is negative: set it to 0 "
+                "(every run) or more in [sources.klaviyo]."
+            )
+        reread_every = timedelta(minutes=reread_minutes)
         if start is None:
-            return cls(segment_filter)
+            return cls(segment_filter, reread_every=reread_every)
         try:
             day = date.fromisoformat(str(start).strip()[:10])
         except ValueError:
@@ -111,7 +125,8 @@ class ReportOptions:
                 "[sources.klaviyo] segment_reports_start."
             ) from None
         # Klaviyo has no figures before its first day: an earlier start means that day.
-        return cls(segment_filter, max(day, settings.SEGMENT_REPORTS_FIRST_DAY))
+        first = max(day, settings.SEGMENT_REPORTS_FIRST_DAY)
+        return cls(segment_filter, first, reread_every=reread_every)
 
 
 def reports_wanted(enabled: bool, revision: str) -> bool:
@@ -156,16 +171,37 @@ class ReportRequest:
         return f"any(segment_id,[{','.join(quoted(sid) for sid in self.segment_ids)}])"
 
 
+def rereads_due(
+    loaded: Sequence[str],
+    read_again_at: Mapping[str, datetime],
+    now: datetime,
+    every: timedelta,
+    at_most: int = settings.SEGMENT_REPORT_REREADS_PER_RUN,
+) -> FrozenSet[str]:
+    """The loaded segments whose last days this run reads again: those not read again for
+    `every`, the longest unread first, at most `at_most` of them."""
+    due = [
+        segment_id
+        for segment_id in loaded
+        if segment_id not in read_again_at or now - read_again_at[segment_id] >= every
+    ]
+    never = datetime.min.replace(tzinfo=timezone.utc)
+    due.sort(key=lambda segment_id: (read_again_at.get(segment_id, never), segment_id))
+    return frozenset(due[:at_most])
+
+
 def plan_requests(
     segments: Sequence[ReportedSegment],
     loaded: Mapping[str, Days],
     today: date,
     settle_days: int = settings.SEGMENT_REPORTS_SETTLE_DAYS,
+    reread: Optional[Collection[str]] = None,
 ) -> List[ReportRequest]:
     """Every request a run makes, in order: the re-reads, then the backfill, newest first.
 
-    Segments that need the same days share requests. A segment's days stay one range whatever
-    request a run stops at: re-reads go forwards from its range, backfills backwards.
+    `reread` names the loaded segments whose last days are read again (all if None). Segments
+    that need the same days share requests. A segment's days stay one range whatever request a
+    run stops at: re-reads go forwards from its range, backfills backwards.
     """
     rereads: Dict[date, List[ReportedSegment]] = {}
     backfills: Dict[date, List[ReportedSegment]] = {}  # by the newest day still missing
@@ -177,8 +213,9 @@ def plan_requests(
             backfills.setdefault(today, []).append(segment)
             continue
         first, last = days
-        settling = last - timedelta(days=settle_days - 1)
-        rereads.setdefault(max(segment.first_day, first, settling), []).append(segment)
+        if reread is None or segment.id in reread:
+            settling = last - timedelta(days=settle_days - 1)
+            rereads.setdefault(max(segment.first_day, first, settling), []).append(segment)
         if first > segment.first_day:
             backfills.setdefault(first - timedelta(days=1), []).append(segment)
     requests = [
@@ -325,6 +362,7 @@ class LoadedDays:
 
     def __init__(self, state: Dict[str, Any]) -> None:
         self._days: Dict[str, List[str]] = state.setdefault(settings.REPORT_DAYS_STATE_KEY, {})
+        self._read_again: Dict[str, str] = state.setdefault(settings.REPORT_REREAD_STATE_KEY, {})
 
     def ranges(self) -> Dict[str, Days]:
         return {
@@ -332,9 +370,12 @@ class LoadedDays:
             for segment_id, (first, last) in self._days.items()
         }
 
-    def record(self, request: ReportRequest) -> None:
-        """A request's days are loaded for each of its segments."""
+    def record(self, request: ReportRequest, today: date, started: datetime) -> None:
+        """A request's days are loaded for each of its segments; a request up to today is
+        each one's reading again of its last days."""
         for segment_id in request.segment_ids:
+            if request.last >= today:
+                self._read_again[segment_id] = started.isoformat()
             first, last = request.first, request.last
             if segment_id in self._days:
                 held_first, held_last = self._days[segment_id]
@@ -344,6 +385,11 @@ class LoadedDays:
 
     def forget(self) -> None:
         self._days.clear()
+        self._read_again.clear()
+
+    def read_again_at(self) -> Dict[str, datetime]:
+        """When each segment's days up to today were last read."""
+        return {segment_id: parse_datetime(at) for segment_id, at in self._read_again.items()}
 
 
 class DailyQuota:
@@ -460,7 +506,10 @@ def daily_segment_reports(
             _failed(state, listing.error)
             return
         segments = listing.value
-    requests = plan_requests(segments, loaded.ranges(), started.date(), options.settle_days)
+    ranges = loaded.ranges()
+    held = [segment.id for segment in segments if segment.id in ranges]
+    reread = rereads_due(held, loaded.read_again_at(), started, options.reread_every)
+    requests = plan_requests(segments, ranges, started.date(), options.settle_days, reread)
     first_days = {segment.id: segment.first_day for segment in segments}
     load_id = dlt.current.load_package_state()["load_id"]
     yield from _read_reports(client, requests, first_days, (started, load_id), state)
@@ -499,7 +548,7 @@ def _read_reports(
         if call.error is not None:
             _failed(state, call.error)
             return
-        loaded.record(request)
+        loaded.record(request, stamps[0].date(), stamps[0])
         rows += call.value.num_rows if call.value is not None else 0
     logger.info(
         f"{settings.SEGMENT_REPORTS_TABLE}: {rows} rows in {len(requests)} requests; every "

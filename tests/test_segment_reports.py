@@ -13,6 +13,7 @@ import pytest
 from expected import query
 
 from klaviyo_source import settings
+from klaviyo_source.errors import KlaviyoConfigError
 from klaviyo_source.export import ExportFailed, KlaviyoExport
 from klaviyo_source.segment_reports import (
     DailyQuota,
@@ -20,6 +21,7 @@ from klaviyo_source.segment_reports import (
     ReportRequest,
     plan_requests,
     report_rows,
+    rereads_due,
 )
 from klaviyo_source.simulator import Account, KlaviyoSimulator, generate_account
 from klaviyo_source.simulator.segment_reports import ReportSettings
@@ -136,8 +138,14 @@ def test_later_runs_read_the_last_days_again_and_catch_up_with_a_settling_day(
     account.delete_segment(deleted)
     simulator.reset_counters()
 
-    # Klaviyo's report trails by ten minutes: today's figures do not show the changes yet.
+    # Within the hour (`segment_reports_reread_minutes`, 60 by default) no day is read again.
     pipeline.run(source_for())
+    assert report_requests(simulator) == []
+    assert last_day(pipeline) == first_today
+
+    # Klaviyo's report trails by ten minutes: today's figures do not show the changes yet.
+    every_run = {"segment_reports_reread_minutes": 0}
+    pipeline.run(source_for(**every_run))
     today = last_day(pipeline)
     live = first_days(account)
     lagging = true_reports(account, live, today, simulator.reports.lag)
@@ -157,7 +165,7 @@ def test_later_runs_read_the_last_days_again_and_catch_up_with_a_settling_day(
 
     # Klaviyo has caught up: the next run reads today again and finds them.
     simulator.reports.lag = timedelta(0)
-    pipeline.run(source_for())
+    pipeline.run(source_for(**every_run))
     today = last_day(pipeline)
     caught_up = true_reports(account, live, today, timedelta(0))
     loaded = loaded_reports(pipeline)
@@ -211,6 +219,7 @@ def test_a_run_that_meets_the_daily_cap_ends_cleanly_and_the_next_day_goes_on(
                 simulator,
                 rate_limit_time_scale=scale / 1.2,
                 segment_reports_start=str(start),
+                segment_reports_reread_minutes=0,
                 reconcile="off",
             )
             KlaviyoExport(pipeline).run(source)  # raises ExportFailed on any failure
@@ -271,6 +280,70 @@ def test_a_daily_quota_counts_the_requests_of_a_sliding_day() -> None:
     assert quota.remaining(noon + timedelta(hours=24, seconds=1)) == 1
     assert quota.remaining(noon + timedelta(hours=25, seconds=1)) == 2
     assert state[settings.REPORT_REQUESTS_STATE_KEY] == []
+
+
+def test_a_run_reads_again_at_most_two_requests_of_segments_the_longest_unread_first(
+    make_pipeline: Callable,
+) -> None:
+    # 250 segments: one steady window of the report tier (2 requests) covers 200 of them.
+    account = generate_account(seed=5, segments=250, tags=2, profiles=60, memberships=300)
+    with KlaviyoSimulator(account, rate_limits=False) as simulator:
+        today = datetime.now(timezone.utc).date()
+        options = {
+            "rate_limit_time_scale": 1000,
+            "include_profiles": False,
+            "reconcile": "off",
+            "segment_reports_start": str(today - timedelta(days=9)),
+            "segment_reports_reread_minutes": 0,
+        }
+        pipeline = make_pipeline()
+        pipeline.run(dlt_source(simulator, **options))
+        assert report_requests(simulator) == [200] * 3  # every segment's ten days
+        simulator.request_log.clear()
+
+        pipeline.run(dlt_source(simulator, **options))
+        assert report_requests(simulator) == [200] * 2
+        first_reread = set(reread_days(pipeline))
+        assert len(first_reread) == 200
+        simulator.request_log.clear()
+
+        pipeline.run(dlt_source(simulator, **options))
+        assert report_requests(simulator) == [200] * 2
+        second_reread = set(reread_days(pipeline))
+        # The 50 left out last time come first; no segment waits more than one run.
+        assert set(account.segments()) - first_reread <= second_reread
+        assert len(second_reread) == 200
+    assert {segment_id for segment_id, _ in loaded_reports(pipeline)} == set(account.segments())
+
+
+def test_segments_read_again_are_those_unread_for_the_interval_longest_unread_first() -> None:
+    now = datetime(2026, 5, 4, 12, 0, tzinfo=timezone.utc)
+    hour = timedelta(hours=1)
+    read_again_at = {
+        "fresh": now - timedelta(minutes=59),
+        "hour": now - hour,
+        "older": now - 3 * hour,
+        "oldest": now - 9 * hour,
+    }
+    loaded = ["fresh", "hour", "older", "oldest", "never"]
+    assert rereads_due(loaded, read_again_at, now, hour) == {"hour", "older", "oldest", "never"}
+    assert rereads_due(loaded, read_again_at, now, hour, at_most=2) == {"never", "oldest"}
+    assert rereads_due(loaded, read_again_at, now, timedelta(0)) == set(loaded)
+
+
+def test_a_segment_not_due_is_only_backfilled() -> None:
+    today = date(2026, 5, 4)
+    old = ReportedSegment("old", date(2026, 1, 1))
+    loaded = {"old": (date(2026, 3, 1), today - timedelta(days=1))}
+    requests = plan_requests([old], loaded, today, reread=frozenset())
+    assert [(r.first, r.last, r.segment_ids) for r in requests] == [
+        (date(2026, 1, 1), date(2026, 2, 28), ("old",)),
+    ]
+
+
+def test_a_negative_reread_interval_is_refused_with_its_fix(source_for: Callable) -> None:
+    with pytest.raises(KlaviyoConfigError, match="segment_reports_reread_minutes"):
+        source_for(segment_reports_reread_minutes=-5)
 
 
 def test_segments_are_asked_for_a_hundred_a_request(make_pipeline: Callable) -> None:
@@ -474,8 +547,6 @@ def test_a_days_figures_are_read_from_the_report_from_each_segments_first_day() 
 
 
 def test_an_unknown_start_is_refused_with_its_fix(source_for: Callable) -> None:
-    from klaviyo_source.errors import KlaviyoConfigError
-
     with pytest.raises(KlaviyoConfigError, match="segment_reports_start 'last week'"):
         source_for(segment_reports_start="last week")
     assert ReportRequest(date(2026, 1, 1), date(2026, 1, 2), ("a", 'b"')).filter() == (
