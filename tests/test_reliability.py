@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
@@ -28,6 +28,7 @@ import pytest
 import requests
 from dlt.pipeline.exceptions import PipelineStepFailed
 from expected import loaded_memberships, query, table_snapshot, true_memberships
+from scenarios import join_outsiders, largest_segment, roomiest_segments
 
 from klaviyo_source import klaviyo
 from klaviyo_source.client import KlaviyoClient
@@ -85,27 +86,6 @@ def assert_truth(pipeline: dlt.Pipeline, account: Account) -> None:
 def first_run_pages(account: Account) -> int:
     """Profile pages a first run must fetch: every live segment from the start."""
     return sum(max(1, math.ceil(len(m) / PAGE)) for m in account.memberships().values())
-
-
-def largest(account: Account) -> str:
-    return max(account.memberships().items(), key=lambda item: len(item[1]))[0]
-
-
-def roomy(account: Account, count: int) -> List[str]:
-    """Populated segments that some profiles are not yet in, smallest first."""
-    everyone = len(account.profiles())
-    populated = sorted(true_memberships(account).items(), key=lambda item: len(item[1]))
-    roomy = [segment_id for segment_id, members in populated if len(members) < everyone - 10]
-    assert len(roomy) >= count
-    return roomy[:count]
-
-
-def join_outsiders(account: Account, segment_id: str, count: int) -> None:
-    members = account.members(segment_id)
-    outsiders = [pid for pid in account.profiles() if pid not in members][:count]
-    assert len(outsiders) == count
-    for profile_id in outsiders:
-        account.join(segment_id, profile_id, at=account.now() - timedelta(seconds=2))
 
 
 def log_of(simulator: KlaviyoSimulator) -> List[Any]:
@@ -596,7 +576,7 @@ def test_an_error_that_aborts_the_extract_commits_nothing_and_the_next_run_catch
     run(pipeline, source_for())
     before = table_snapshot(pipeline, "segment_memberships")
     cursors = json.dumps(pipeline.state["sources"]["klaviyo"]["resources"], sort_keys=True)
-    for segment_id in roomy(account, 3):
+    for segment_id in roomiest_segments(account, 3):
         join_outsiders(account, segment_id, 4)
     # /api/tags is not isolated per segment: once its retries are spent the extract stops.
     simulator.inject_fault("status", status=503, times=1000, path_contains="/api/tags")
@@ -628,7 +608,7 @@ def test_a_crash_between_extract_and_load_is_finished_by_the_next_run(
     pipeline = make_pipeline()
     run(pipeline, source_for())
     before = table_snapshot(pipeline, "segment_memberships")
-    for segment_id in roomy(account, 3):
+    for segment_id in roomiest_segments(account, 3):
         join_outsiders(account, segment_id, 4)
     simulator.reset_counters()
 
@@ -647,7 +627,7 @@ def test_a_crash_between_extract_and_load_is_finished_by_the_next_run(
     # The pending package was loaded as it was; nothing was fetched again.
     assert count_of(simulator, "get_segment_profiles") == fetched
     assert_truth(restarted, account)
-    for segment_id in roomy(account, 2):
+    for segment_id in roomiest_segments(account, 2):
         join_outsiders(account, segment_id, 3)
     run(restarted, source_for())
     assert_truth(restarted, account)
@@ -744,7 +724,7 @@ def served(account: Account) -> Iterator[KlaviyoSimulator]:
 def test_a_segment_failing_beyond_its_retries_fails_the_run_by_name_and_is_redone(
     account: Account, served: KlaviyoSimulator, script_env: Dict[str, str]
 ) -> None:
-    big = largest(account)
+    big = largest_segment(account)
     name = account.segments()[big]["name"]
     assert len(account.members(big)) > 2 * PAGE
     # Its first page loads; every later page fails: the walk breaks off in the middle.
@@ -785,7 +765,7 @@ def test_a_segment_failing_beyond_its_retries_fails_the_run_by_name_and_is_redon
 def test_a_page_without_joined_group_at_fails_its_segment_at_once_and_names_the_field(
     account: Account, served: KlaviyoSimulator, script_env: Dict[str, str]
 ) -> None:
-    big = largest(account)
+    big = largest_segment(account)
     # Whole JSON in the wrong shape (as from another revision): asking again cannot help.
     served.inject_fault(
         "omit", field="joined_group_at", times=1, path_contains=f"/segments/{big}/profiles"
@@ -817,8 +797,8 @@ def test_a_run_killed_mid_extract_moves_no_cursor_and_the_next_run_catches_up(
 ) -> None:
     assert run_script(script_env, served).returncode == 0
     cursors = file_cursors(script_env)
-    big = largest(account)
-    for segment_id in roomy(account, 3):
+    big = largest_segment(account)
+    for segment_id in roomiest_segments(account, 3):
         join_outsiders(account, segment_id, 5)
     served.reset_counters()
     served.inject_fault("slow", times=1, path_contains=f"/segments/{big}/profiles", delay=30)
