@@ -471,9 +471,11 @@ def sync_listed_segment(
     if listed.deleted_at is not None:
         yield from close_segment(listed.id, run.held, listed.deleted_at, run.load_id)
         run.progress.forget(listed.id)
-        logger.info(
-            f"segment {listed.id} ({listed.name}) was deleted: its members are ended "
-            f"[{run.progress.finished(0)}]"
+        run.progress.finished(
+            0,
+            lambda tally: logger.info(
+                f"segment {listed.id} ({listed.name}) was deleted: its members are ended [{tally}]"
+            ),
         )
         return
     cursor = run.progress.cursor(listed.id)
@@ -512,14 +514,16 @@ def sync_listed_segment(
                 "walk failed, and the next run reads it again from its cursor."
             )
             run.progress.failed(listed.id, reason)
-            logger.error(f"{reason} [{run.progress.finished(0)}]")
+            run.progress.finished(0, lambda tally: logger.error(f"{reason} [{tally}]"))
             return
         closed_at = datetime.now(timezone.utc)
         yield from close_segment(listed.id, run.held, closed_at, run.load_id, run.members)
         run.progress.forget(listed.id)
-        logger.warning(
-            f"segment {listed.id} was deleted during its walk: its members are ended "
-            f"[{run.progress.finished(0)}]"
+        run.progress.finished(
+            0,
+            lambda tally: logger.warning(
+                f"segment {listed.id} was deleted during its walk: its members are ended [{tally}]"
+            ),
         )
         return
     except (KlaviyoAPIError, RequestException) as error:
@@ -527,7 +531,7 @@ def sync_listed_segment(
         # cursor and is fetched again from there by the next run.
         reason = f"segment {listed.id} ({listed.name}): {error}"
         run.progress.failed(listed.id, reason)
-        logger.error(f"{reason} [{run.progress.finished(0)}]")
+        run.progress.finished(0, lambda tally: logger.error(f"{reason} [{tally}]"))
         yield from sync.gathered()
         return
     moved = next_cursor(
@@ -539,7 +543,9 @@ def sync_listed_segment(
         run.started if sync.walked_in_full else None,
         run.started if sync.stats.ids_walked else None,
     )
-    log_sync(listed.id, listed.name, sync.stats, run.progress.finished(sync.stats.loaded))
+    run.progress.finished(
+        sync.stats.loaded, lambda tally: log_sync(listed.id, listed.name, sync.stats, tally)
+    )
 
 
 def _deleted_in_klaviyo(client: KlaviyoClient, segment_id: str) -> bool:

@@ -26,7 +26,7 @@ thread.
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, FrozenSet, Optional
+from typing import Any, Callable, Dict, FrozenSet, Optional
 
 import dlt
 
@@ -62,12 +62,16 @@ class SegmentProgress:
         with self._lock:
             self._expected += segments
 
-    def finished(self, rows_loaded: int) -> str:
-        """Count a segment done (well or not) and say how far the run is, for its log line."""
+    def finished(self, rows_loaded: int, say: Callable[[str], None]) -> None:
+        """Count a segment done (well or not); `say` logs its line with how far the run is.
+
+        The line is logged while the count is held, so the lines come out in the order
+        counted: two walks ending at once never print "7 of 8" before "6 of 8".
+        """
         with self._lock:
             self._done += 1
             self._rows_loaded += rows_loaded
-            return (
+            say(
                 f"{self._done} of {self._expected} segments done, "
                 f"{self._rows_loaded:,} membership rows loaded"
             )

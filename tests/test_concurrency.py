@@ -19,6 +19,7 @@ from dlt.common.storages.live_schema_storage import LiveSchemaStorage
 from expected import loaded_memberships, true_memberships
 from scenarios import assert_run_was_exact, change_account, first_seen_at
 
+from klaviyo_source.run import SegmentProgress
 from klaviyo_source.simulator import Account
 
 
@@ -133,3 +134,32 @@ def test_runs_with_every_kind_of_change_stay_exact_when_threads_switch_constantl
         changes = change_account(account, rng, delete=run == 1)
         pipeline.run(source_for(reconcile="all"))
         assert_run_was_exact(pipeline, account, before, changes)
+
+
+def test_segment_lines_come_out_in_the_order_the_segments_were_counted() -> None:
+    # Two walks end at once: the first is still logging its line when the second ends. The
+    # second's line ("2 of 2") must not come out before the first's ("1 of 2").
+    progress = SegmentProgress({}, {})
+    progress.expect(2)
+    lines: List[str] = []
+    first_saying, second_done = threading.Event(), threading.Event()
+
+    def first_says(tally: str) -> None:
+        first_saying.set()
+        second_done.wait(timeout=1.0)  # the second walk ends meanwhile, if it can
+        lines.append(tally)
+
+    def second_walk_ends() -> None:
+        first_saying.wait()
+        progress.finished(20, lines.append)
+        second_done.set()
+
+    second = threading.Thread(target=second_walk_ends)
+    second.start()
+    progress.finished(10, first_says)
+    second.join()
+
+    assert lines == [
+        "1 of 2 segments done, 10 membership rows loaded",
+        "2 of 2 segments done, 30 membership rows loaded",
+    ]
