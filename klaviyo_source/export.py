@@ -72,6 +72,10 @@ DUCKDB_LOAD_WORKERS = 1
 # profiles of 20 KB would not fit under the cap. Flushing every 500 rows (the walk's profile
 # tables) keeps row groups of wide profiles small; membership tables are written whole.
 PARQUET_BUFFER_ROWS = WALK_BATCH_PROFILES
+# dlt writes each table of an extract to one file unless told to rotate, and pyarrow keeps the
+# metadata of every row group of a file until it closes: at 500-row groups that grew with the
+# account (docs/performance.md, "Memory at 10M"). Closing a file every so many rows bounds it.
+EXTRACT_FILE_ROWS = 250_000
 # DuckDB reads each jsonl or csv file through a 32 MB buffer of its own: under 128 MB a 1M
 # jsonl load failed (when dlt still loaded every table at once). Text formats get more room.
 DUCKDB_TEXT_FORMAT_MEMORY_LIMIT = "512MB"
@@ -234,7 +238,8 @@ def export_settings(pipeline: dlt.Pipeline, loader_file_format: Optional[str]) -
 
     Set your own with DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG='{"memory_limit": "1GB"}'
     or `global_config` under [destination.duckdb.credentials] in .dlt/secrets.toml, and
-    LOAD__WORKERS, DATA_WRITER__BUFFER_MAX_ITEMS, LOAD__DELETE_COMPLETED_JOBS.
+    LOAD__WORKERS, DATA_WRITER__BUFFER_MAX_ITEMS, DATA_WRITER__FILE_MAX_ITEMS,
+    LOAD__DELETE_COMPLETED_JOBS.
     """
     settings = {DELETE_COMPLETED_JOBS: "true"}
     if not _is_duckdb(pipeline):
@@ -247,6 +252,7 @@ def export_settings(pipeline: dlt.Pipeline, loader_file_format: Optional[str]) -
         {
             "load.workers": str(DUCKDB_LOAD_WORKERS),
             "data_writer.buffer_max_items": str(PARQUET_BUFFER_ROWS),
+            "data_writer.file_max_items": str(EXTRACT_FILE_ROWS),
             f"destination.{name}.credentials.global_config": json.dumps(duckdb_settings),
         }
     )
