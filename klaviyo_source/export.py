@@ -44,7 +44,7 @@ from dlt.pipeline.pipeline import with_config_section, with_runtime_trace
 
 from . import settings
 from .errors import KlaviyoError
-from .process_memory import managed_for_an_export
+from .process_memory import managed_for_an_export, return_freed_memory
 from .run import runs_started
 from .segment_reports import failed_segment_reports
 from .settings import SEGMENT_REPORTS_TABLE, WALK_BATCH_PROFILES
@@ -75,7 +75,7 @@ PARQUET_BUFFER_ROWS = WALK_BATCH_PROFILES
 # dlt writes each table of an extract to one file unless told to rotate, and pyarrow keeps the
 # metadata of every row group of a file until it closes: at 500-row groups that grew with the
 # account (docs/performance.md, "Memory at 10M"). Closing a file every so many rows bounds it.
-EXTRACT_FILE_ROWS = 250_000
+EXTRACT_FILE_ROWS = 100_000
 # DuckDB reads each jsonl or csv file through a 32 MB buffer of its own: under 128 MB a 1M
 # jsonl load failed (when dlt still loaded every table at once). Text formats get more room.
 DUCKDB_TEXT_FORMAT_MEMORY_LIMIT = "512MB"
@@ -210,6 +210,9 @@ def run(pipeline: dlt.Pipeline, data: DltSource, loader_file_format: Optional[st
         finally:
             for started in runs:
                 started.end()
+            # glibc keeps what the record freed until asked; asked now rather than at the next
+            # periodic trim, the load starts without it.
+            return_freed_memory()
     pipeline.normalize()
     return pipeline.load()
 

@@ -171,9 +171,9 @@ def _duckdb_settings(env: Dict[str, str], *file_format: str) -> str:
 
 def test_an_export_caps_duckdb_memory_unless_configured(user_env: Dict[str, str]) -> None:
     # 64MB; one table loaded at a time; row groups flushed every 500 rows; files rotated
-    assert _duckdb_settings(user_env) == "61.0 MiB False 1 500 250000"
+    assert _duckdb_settings(user_env) == "61.0 MiB False 1 500 100000"
     # jsonl files are read through 32 MB buffers, one per table loaded at once
-    assert _duckdb_settings(user_env, "jsonl") == "488.2 MiB False 1 500 250000"  # 512MB
+    assert _duckdb_settings(user_env, "jsonl") == "488.2 MiB False 1 500 100000"  # 512MB
 
     user_env["DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG"] = '{"memory_limit": "1GB"}'
     user_env["LOAD__WORKERS"] = "3"
