@@ -11,8 +11,9 @@
     print(report.summary)
 
 `KlaviyoExport.run` is `pipeline.run` with what an export needs around it: DuckDB's memory
-capped, the process's memory managed (see process_memory), completed load packages emptied
-of their data, the SQL views refreshed, a summary of members per segment, and every failure
+capped, dlt's extract files rotated, the process's memory managed (see process_memory), the
+run's record of listed members dropped before the load, completed load packages emptied of
+their data, the SQL views refreshed, a summary of members per segment, and every failure
 raised as `ExportFailed` whose message is one line naming the cause and the fix.
 """
 
@@ -39,10 +40,12 @@ from dlt.common.pipeline import LoadInfo
 from dlt.extract import DltSource
 from dlt.pipeline.exceptions import PipelineStepFailed
 from dlt.pipeline.helpers import pipeline_drop
+from dlt.pipeline.pipeline import with_config_section, with_runtime_trace
 
 from . import settings
 from .errors import KlaviyoError
-from .process_memory import managed_for_an_export
+from .process_memory import managed_for_an_export, return_freed_memory
+from .run import runs_started
 from .segment_reports import failed_segment_reports
 from .settings import SEGMENT_REPORTS_TABLE, WALK_BATCH_PROFILES
 from .summary import failed_segments, membership_summary
@@ -69,6 +72,10 @@ DUCKDB_LOAD_WORKERS = 1
 # profiles of 20 KB would not fit under the cap. Flushing every 500 rows (the walk's profile
 # tables) keeps row groups of wide profiles small; membership tables are written whole.
 PARQUET_BUFFER_ROWS = WALK_BATCH_PROFILES
+# dlt writes each table of an extract to one file unless told to rotate, and pyarrow keeps the
+# metadata of every row group of a file until it closes: at 500-row groups that grew with the
+# account (docs/performance.md, "Memory at 10M"). Closing a file every so many rows bounds it.
+EXTRACT_FILE_ROWS = 100_000
 # DuckDB reads each jsonl or csv file through a 32 MB buffer of its own: under 128 MB a 1M
 # jsonl load failed (when dlt still loaded every table at once). Text formats get more room.
 DUCKDB_TEXT_FORMAT_MEMORY_LIMIT = "512MB"
@@ -164,10 +171,7 @@ class KlaviyoExport:
                         "changes."
                     )
                 with managed_for_an_export():
-                    load_info = pipeline.run(
-                        data,
-                        loader_file_format=file_format,  # type: ignore[arg-type]
-                    )
+                    load_info = run(pipeline, data, file_format)
                 views = create_views(pipeline)
                 report = ExportReport(load_info, membership_summary(pipeline), views)
         except (DltException, KlaviyoError) as error:
@@ -182,6 +186,35 @@ class KlaviyoExport:
         if problems:
             raise ExportFailed(" ".join(problems), report)
         return report
+
+
+@with_runtime_trace()
+@with_config_section(("run",))
+def run(pipeline: dlt.Pipeline, data: DltSource, loader_file_format: Optional[str]) -> LoadInfo:
+    """`pipeline.run(data)`, step by step, ending the source's runs between extract and
+    normalize.
+
+    A run's record of the members it listed grows with the account and serves only the
+    extract; dropped before normalize, its memory serves normalize and load instead. dlt's own
+    decorators of `Pipeline.run` keep one trace of the steps and its config section, and the
+    nested `pipeline.run()` does what `run` does before it extracts: it syncs the destination
+    once and finishes the packages an interrupted run left, in which case nothing new is
+    extracted (its trace step shows beside this one).
+    """
+    pending = pipeline.run()
+    if pending is not None:
+        return pending
+    with runs_started() as runs:
+        try:
+            pipeline.extract(data, loader_file_format=loader_file_format)  # type: ignore[arg-type]
+        finally:
+            for started in runs:
+                started.end()
+            # glibc keeps what the record freed until asked; asked now rather than at the next
+            # periodic trim, the load starts without it.
+            return_freed_memory()
+    pipeline.normalize()
+    return pipeline.load()
 
 
 def failure_line(failures: Dict[str, str]) -> str:
@@ -208,7 +241,8 @@ def export_settings(pipeline: dlt.Pipeline, loader_file_format: Optional[str]) -
 
     Set your own with DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG='{"memory_limit": "1GB"}'
     or `global_config` under [destination.duckdb.credentials] in .dlt/secrets.toml, and
-    LOAD__WORKERS, DATA_WRITER__BUFFER_MAX_ITEMS, LOAD__DELETE_COMPLETED_JOBS.
+    LOAD__WORKERS, DATA_WRITER__BUFFER_MAX_ITEMS, DATA_WRITER__FILE_MAX_ITEMS,
+    LOAD__DELETE_COMPLETED_JOBS.
     """
     settings = {DELETE_COMPLETED_JOBS: "true"}
     if not _is_duckdb(pipeline):
@@ -221,6 +255,7 @@ def export_settings(pipeline: dlt.Pipeline, loader_file_format: Optional[str]) -
         {
             "load.workers": str(DUCKDB_LOAD_WORKERS),
             "data_writer.buffer_max_items": str(PARQUET_BUFFER_ROWS),
+            "data_writer.file_max_items": str(EXTRACT_FILE_ROWS),
             f"destination.{name}.credentials.global_config": json.dumps(duckdb_settings),
         }
     )

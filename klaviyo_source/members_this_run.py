@@ -15,6 +15,9 @@ The profile refresh (`profile_refresh`) writes profile rows too. It claims a pro
 here before writing it, which gives the profile a number in no segment: a profile a walk
 listed first is left to the walk, and a walk that lists a claimed profile writes its
 membership but not its profile row. Either way one load holds each profile row once.
+
+The record is needed only while the run extracts; `end` drops it before the load, so the
+memory it took serves normalize and load (see `run.runs_started`).
 """
 
 import enum
@@ -45,11 +48,25 @@ class MembersThisRun:
         self._numbers = ProfileIdMap("I")
         self._profiles = 0
         self._segment_members: Dict[str, BitMap] = {}
+        self._ended = False
         self._lock = threading.Lock()
+
+    def end(self) -> None:
+        """Drop the record: the run's extract is over. Any later use raises, since an empty
+        record would take every member for new and load it twice."""
+        with self._lock:
+            self._ended = True
+            self._numbers = ProfileIdMap("I")
+            self._segment_members = {}
+
+    def _check_running(self) -> None:
+        if self._ended:
+            raise RuntimeError("this run's record of listed members was used after its extract")
 
     def sight(self, segment_id: str, profile_ids: Sequence[str]) -> List[Sighting]:
         """Mark these members of `segment_id` listed; say for each what it was before."""
         with self._lock:
+            self._check_running()
             members = self._segment_members.setdefault(segment_id, BitMap())
             sightings = []
             for profile_id in profile_ids:
@@ -68,6 +85,7 @@ class MembersThisRun:
     def listed_in(self, segment_id: str, profile_ids: Sequence[str]) -> List[bool]:
         """Whether each member of `segment_id` was listed in this run."""
         with self._lock:
+            self._check_running()
             members = self._segment_members.get(segment_id)
             if members is None:
                 return [False] * len(profile_ids)
@@ -81,6 +99,7 @@ class MembersThisRun:
         """For the profile refresh: whether each profile's row is still to be written in
         this run, claiming it if so. A profile a walk listed, or claimed before, is not."""
         with self._lock:
+            self._check_running()
             claimed = []
             for profile_id in profile_ids:
                 free = self._numbers.setdefault(profile_id, self._profiles) == self._profiles

@@ -82,6 +82,13 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
     return trim
 
 
+def return_freed_memory() -> None:
+    """Give what glibc keeps of freed memory back to the system now; nothing elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 @contextlib.contextmanager
 def returning_freed_memory(every: float = TRIM_EVERY_SECONDS) -> Iterator[None]:
     """While the block runs, give freed memory back to the system every `every` seconds."""

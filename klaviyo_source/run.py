@@ -21,12 +21,19 @@ limiter they share guards its budgets with locks of its own.
 The profile refresh (`profile_refresh`) shares the same `Run`: whichever of its resource and
 the segment listing dlt starts first starts the run (`RunStart`), both in the pipeline's
 thread.
+
+A run ends with its extract: once dlt's `extract` has returned, no walk and no refresh touches
+it again. Its record of listed members grows with the account and is of no use to normalize
+and load, so whoever drives the steps (`export.KlaviyoExport`) collects the runs its extract
+started (`runs_started`) and ends them before normalizing (`Run.end`).
 """
 
+import contextlib
 import threading
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Dict, FrozenSet, Optional
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional
 
 import dlt
 
@@ -136,6 +143,26 @@ class Run:
     # Walk tables appended to in this run rather than merged into (see walk_tables).
     appended: FrozenSet[str] = frozenset()
 
+    def end(self) -> None:
+        """The run's extract is over: drop what it kept of the members it listed."""
+        self.members.end()
+
+
+# The runs started in this context (the pipeline's thread) while `runs_started` is active.
+_started_runs: ContextVar[Optional[List[Run]]] = ContextVar("klaviyo_started_runs", default=None)
+
+
+@contextlib.contextmanager
+def runs_started() -> Iterator[List[Run]]:
+    """The runs the source starts while the block runs, in this thread, to be ended once the
+    extract is over. Runs start in the pipeline's thread, so only this caller's are seen."""
+    started: List[Run] = []
+    token = _started_runs.set(started)
+    try:
+        yield started
+    finally:
+        _started_runs.reset(token)
+
 
 class RunStart:
     """The run's `Run`, started by the first resource that asks; pipeline thread only.
@@ -152,6 +179,9 @@ class RunStart:
         load_id = dlt.current.load_package_state()["load_id"]
         if self._run is None or self._run.load_id != load_id:
             self._run = start_run(self._started, self._walking_resource)
+            started = _started_runs.get()
+            if started is not None:
+                started.append(self._run)
         return self._run
 
 

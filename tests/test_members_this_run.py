@@ -8,6 +8,8 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Callable, List, Tuple
 
+import pytest
+
 from klaviyo_source.members_this_run import MembersThisRun, Sighting
 from klaviyo_source.simulator.account import make_ulid
 
@@ -118,3 +120,20 @@ def test_parallel_walks_and_a_refresh_get_one_first_listing_each() -> None:
         outsiders = [pid for pid in profiles if pid not in set(ids)]
         assert members.listed_in(segment_id, ids) == [True] * len(ids)
         assert members.listed_in(segment_id, outsiders) == [False] * len(outsiders)
+
+
+def test_an_ended_record_refuses_every_use_rather_than_take_members_for_new() -> None:
+    a, b = ulids(2)
+    members = MembersThisRun()
+    members.sight("S1", [a])
+    members.claim_profiles([b])
+
+    members.end()
+
+    for use in (
+        lambda: members.sight("S1", [a]),
+        lambda: members.listed_in("S1", [a]),
+        lambda: members.claim_profiles([b]),
+    ):
+        with pytest.raises(RuntimeError, match="used after its extract"):
+            use()

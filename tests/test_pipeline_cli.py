@@ -4,12 +4,23 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, List
 
+import dlt
 import duckdb
 import pytest
+from expected import (
+    loaded_memberships,
+    loaded_profiles,
+    member_ids,
+    true_memberships,
+    true_profiles,
+)
 
+from klaviyo_source.export import KlaviyoExport
+from klaviyo_source.members_this_run import MembersThisRun
 from klaviyo_source.simulator import Account, KlaviyoSimulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +158,8 @@ with settings_applied(export_settings(pipeline, file_format)), pipeline.sql_clie
     )[0]
     workers = dlt.config.get("load.workers")
     buffered = dlt.config.get("data_writer.buffer_max_items")
-print(limit, ordered, workers, buffered)
+    rotated = dlt.config.get("data_writer.file_max_items")
+print(limit, ordered, workers, buffered, rotated)
 """
 
 
@@ -158,15 +170,16 @@ def _duckdb_settings(env: Dict[str, str], *file_format: str) -> str:
 
 
 def test_an_export_caps_duckdb_memory_unless_configured(user_env: Dict[str, str]) -> None:
-    # 64MB; one table loaded at a time; row groups flushed every 500 rows
-    assert _duckdb_settings(user_env) == "61.0 MiB False 1 500"
+    # 64MB; one table loaded at a time; row groups flushed every 500 rows; files rotated
+    assert _duckdb_settings(user_env) == "61.0 MiB False 1 500 100000"
     # jsonl files are read through 32 MB buffers, one per table loaded at once
-    assert _duckdb_settings(user_env, "jsonl") == "488.2 MiB False 1 500"  # 512MB
+    assert _duckdb_settings(user_env, "jsonl") == "488.2 MiB False 1 500 100000"  # 512MB
 
     user_env["DESTINATION__DUCKDB__CREDENTIALS__GLOBAL_CONFIG"] = '{"memory_limit": "1GB"}'
     user_env["LOAD__WORKERS"] = "3"
     user_env["DATA_WRITER__BUFFER_MAX_ITEMS"] = "7000"
-    assert _duckdb_settings(user_env) == "953.6 MiB True 3 7000"  # the user's alone
+    user_env["DATA_WRITER__FILE_MAX_ITEMS"] = "40000"
+    assert _duckdb_settings(user_env) == "953.6 MiB True 3 7000 40000"  # the user's alone
 
 
 def test_unknown_loader_file_format_is_refused_before_anything_runs(
@@ -198,3 +211,61 @@ def test_duckdb_out_of_memory_names_the_setting_and_the_next_run_loads_what_was_
     assert finished.returncode == 0, finished.stderr
     loaded = _members_loaded(tmp_path / "export.duckdb")
     assert loaded == sum(len(members) for members in account.memberships().values())
+
+
+def test_an_export_split_into_many_files_loads_exactly_the_account(
+    account: Account,
+    source_for: Callable[..., Any],
+    make_pipeline: Callable[..., dlt.Pipeline],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A user's own rotation wins over the export's: files of about 200 rows each.
+    monkeypatch.setenv("DATA_WRITER__FILE_MAX_ITEMS", "200")
+    pipeline = make_pipeline()
+
+    report = KlaviyoExport(pipeline).run(source_for(segment_reports=False))
+
+    files = Counter(
+        job.job_file_info.table_name
+        for package in report.load_info.load_packages
+        for job in package.jobs["completed_jobs"]
+        if job.job_file_info.file_format == "parquet"
+    )
+    memberships = sum(len(members) for members in account.memberships().values())
+    assert files["segment_memberships"] >= memberships // 1000  # batches overshoot a little
+    assert files["profiles"] >= len(member_ids(account)) // 1000
+    assert loaded_memberships(pipeline) == true_memberships(account)
+    loaded = loaded_profiles(pipeline)
+    assert set(loaded) == member_ids(account)
+    assert loaded == true_profiles(account, loaded)
+
+
+def test_an_export_drops_its_record_of_listed_members_before_it_normalizes(
+    source_for: Callable[..., Any],
+    make_pipeline: Callable[..., dlt.Pipeline],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    steps: List[str] = []
+    end, normalize = MembersThisRun.end, dlt.Pipeline.normalize
+
+    def ending(members: MembersThisRun) -> None:
+        steps.append("record dropped")
+        end(members)
+
+    def normalizing(pipeline: dlt.Pipeline, *args: Any, **kwargs: Any) -> Any:
+        steps.append("normalize")
+        return normalize(pipeline, *args, **kwargs)
+
+    monkeypatch.setattr(MembersThisRun, "end", ending)
+    monkeypatch.setattr(dlt.Pipeline, "normalize", normalizing)
+    pipeline = make_pipeline()
+
+    KlaviyoExport(pipeline).run(source_for(segment_reports=False))
+
+    assert steps == ["record dropped", "normalize"]
+    assert [step.step for step in pipeline.last_trace.steps][-4:] == [
+        "extract",
+        "normalize",
+        "load",
+        "run",
+    ]

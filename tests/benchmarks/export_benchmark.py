@@ -56,7 +56,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -554,15 +554,18 @@ def rss_of(pid: int) -> float:
         return 0.0
 
 
-def export_in_fresh_process(job: ExportJob) -> ExportResult:
+def export_in_fresh_process(
+    job: ExportJob, child: Callable[[Connection, ExportJob], None] = export_child
+) -> ExportResult:
     """Run one export in a new interpreter, so its CPU and peak RSS are its own.
 
+    `child` runs it there and sends back its result (`export_child`: one `pipeline.run`).
     An export whose RSS passes `job.rss_limit_mb` is killed (other work shares the machine)
     and comes back with `error` saying so; any other failure raises.
     """
     context = mp.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=export_child, args=(sender, job))
+    process = context.Process(target=child, args=(sender, job))
     started = time.perf_counter()
     process.start()
     while not receiver.poll(0.2):
