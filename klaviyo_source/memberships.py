@@ -172,7 +172,11 @@ class SegmentSync:
         self._rejoined_during_walk: Optional[datetime] = None
         # Whether the pass is over: walks after it list its re-joins again as repeats.
         self._passed = False
-        # When each membership the walks loaded as new had joined, for the count check.
+        # The memberships the walks loaded as new, for the count check. A count is asked after
+        # the run started, so every join dated before that is in it: those are only counted.
+        # Keeping each one's time grew with the segment (a datetime a membership).
+        self._joins_before_start = 0
+        # When each of the others joined (the run's own joins: few).
         self._join_times: List[datetime] = []
         self._held_joined: Optional[JoinedTimes] = None
 
@@ -265,11 +269,12 @@ class SegmentSync:
             for listing, sighting in zip(listed, sightings, strict=True)
             if listing.held_join is not None and sighting is not Sighting.REPEAT
         ]
-        self._join_times.extend(
-            listing.joined
-            for listing, sighting in zip(listed, sightings, strict=True)
-            if listing.held_join is None and sighting is not Sighting.REPEAT
-        )
+        for listing, sighting in zip(listed, sightings, strict=True):
+            if listing.held_join is None and sighting is not Sighting.REPEAT:
+                if listing.joined <= self.now:
+                    self._joins_before_start += 1
+                else:
+                    self._join_times.append(listing.joined)
         diff = diff_page(
             self.segment_id,
             listed,
@@ -331,7 +336,8 @@ class SegmentSync:
             return True  # planned to be counted without a count: walk, to be sure
         count = self.profile_count.result()  # raises what asking for it raised
         self.stats.requests += 1
-        return count_differs(count, self.held_count, self._join_times)
+        # The joins before the run's start are in the count as surely as the held members.
+        return count_differs(count, self.held_count + self._joins_before_start, self._join_times)
 
     def _walk_ids(self) -> Iterator[Any]:
         """List every member id; end the held ones not listed, fetch the joins the pass missed.
