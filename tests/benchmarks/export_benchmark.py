@@ -1,4 +1,4 @@
-"""Export benchmark for the issue "Speed at the API's ceiling": one table of figures.
+"""Export benchmark: speed, requests and memory of full and no-change exports, one table of figures.
 
 Not a test. Run: ``.venv/bin/python tests/benchmarks/export_benchmark.py [--quick]``
 (``--quick`` is a smoke check with small accounts, under a minute; its figures mean little).
@@ -115,7 +115,7 @@ class Plan:
 
 
 def make_plan(args: argparse.Namespace, formats: tuple[str, ...]) -> Plan:
-    """The issue's sizes, or small ones for a smoke check (`--quick`)."""
+    """The benchmark's sizes, or small ones for a smoke check (`--quick`)."""
     from klaviyo_source.settings import DEFAULT_REVISION
 
     plan = Plan(

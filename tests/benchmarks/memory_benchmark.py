@@ -1,4 +1,4 @@
-"""Memory benchmark for issue 23 §4: the export's peak RSS as the account grows, and what the
+"""Memory benchmark: the export's peak RSS as the account grows, and what the
 run's per-profile and per-member structures cost on their own.
 
 Not a test. Run: ``.venv/bin/python tests/benchmarks/memory_benchmark.py [--long]``
