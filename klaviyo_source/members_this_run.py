@@ -22,7 +22,7 @@ memory it took serves normalize and load (see `run.runs_started`).
 
 import enum
 import threading
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from pyroaring import BitMap
 
@@ -59,6 +59,14 @@ class MembersThisRun:
             self._numbers = ProfileIdMap("I")
             self._segment_members = {}
 
+    def _number(self, profile_id: str) -> Tuple[int, bool]:
+        """The profile's number, and whether it got it just now; under the lock."""
+        number = self._numbers.setdefault(profile_id, self._profiles)
+        new = number == self._profiles
+        if new:
+            self._profiles += 1
+        return number, new
+
     def _check_running(self) -> None:
         if self._ended:
             raise RuntimeError("this run's record of listed members was used after its extract")
@@ -70,9 +78,8 @@ class MembersThisRun:
             members = self._segment_members.setdefault(segment_id, BitMap())
             sightings = []
             for profile_id in profile_ids:
-                number = self._numbers.setdefault(profile_id, self._profiles)
-                if number == self._profiles:
-                    self._profiles += 1
+                number, new = self._number(profile_id)
+                if new:
                     sightings.append(Sighting.NEW_PROFILE)
                 elif number in members:
                     sightings.append(Sighting.REPEAT)
@@ -100,10 +107,4 @@ class MembersThisRun:
         this run, claiming it if so. A profile a walk listed, or claimed before, is not."""
         with self._lock:
             self._check_running()
-            claimed = []
-            for profile_id in profile_ids:
-                free = self._numbers.setdefault(profile_id, self._profiles) == self._profiles
-                if free:
-                    self._profiles += 1
-                claimed.append(free)
-            return claimed
+            return [self._number(profile_id)[1] for profile_id in profile_ids]
