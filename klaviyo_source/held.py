@@ -88,10 +88,13 @@ class HeldData:
     def __init__(self, sql_client: Optional[SqlClientBase[Any]], appends_versions: bool) -> None:
         self._client = sql_client
         self._lock = threading.Lock()
+        # How many `kept_open` blocks are running: the connection stays open while any is.
+        self._keepers = 0
         # Plain files cannot be merged into: the filesystem destination appends every version
         # of a row, so only each key's newest load counts.
         self._appends_versions = appends_versions
-        self.tables: Mapping[str, HeldTable] = MappingProxyType(self._read_tables(_TABLES))
+        with self.kept_open():
+            self.tables: Mapping[str, HeldTable] = MappingProxyType(self._read_tables(_TABLES))
 
     @classmethod
     def of_current_pipeline(cls) -> "HeldData":
@@ -107,6 +110,39 @@ class HeldData:
             pipeline.sql_client(),  # type: ignore[attr-defined]
             appends_versions=appends_versions(pipeline),
         )
+
+    @contextlib.contextmanager
+    def kept_open(self) -> Iterator[None]:
+        """Run the queries inside on one connection, shared with any other open block.
+
+        Opening a connection costs more than most of these queries (a DuckDB file is opened
+        and its configuration applied each time), so a walk or the run's setup keeps one open
+        for all of its reads. The last block to end closes it: no connection outlives the
+        extract, and the load finds the destination as it left it.
+        """
+        if self._client is None:
+            yield
+            return
+        with self._lock:
+            if self._keepers == 0:
+                self._client.open_connection()
+            self._keepers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._keepers -= 1
+                if self._keepers == 0:
+                    self._client.close_connection()
+
+    @contextlib.contextmanager
+    def _connected(self, client: SqlClientBase[Any]) -> Iterator[SqlClientBase[Any]]:
+        """`client` on the connection kept open, or on one opened for this query alone."""
+        if self._keepers:
+            yield client
+        else:
+            with client:
+                yield client
 
     @property
     def available(self) -> bool:
@@ -140,7 +176,7 @@ class HeldData:
         if self._client is None:
             yield None
             return
-        with self._lock, self._client as client:
+        with self._lock, self._connected(self._client) as client:
             qualified = client.make_qualified_table_name(table)
             if newest_versions:
                 qualified = f"{newest_version_of_each_key(qualified, _KEYS[table])} AS newest"

@@ -469,8 +469,15 @@ def sync_listed_segment(
     """Sync one listed segment and move its cursor; a failure is recorded, not raised.
 
     Runs in an extract worker thread: it touches nothing of dlt's, only `listed.run` (see
-    `run` for why that is safe).
+    `run` for why that is safe). Its reads of the destination share one connection.
     """
+    with listed.run.held.kept_open():
+        yield from _sync_segment(client, listed, options)
+
+
+def _sync_segment(
+    client: KlaviyoClient, listed: ListedSegment, options: MembershipOptions
+) -> Iterator[Any]:
     run = listed.run
     if not listed.selected:
         return  # kept in `segments` for its attributes; its members are not exported

@@ -127,6 +127,10 @@ class ProfileRefresh:
 
     def rows(self) -> Generator[Any, None, None]:
         """The rows to load; a failure is recorded in `failure`, not raised."""
+        with self.run.held.kept_open():
+            yield from self._rows()
+
+    def _rows(self) -> Generator[Any, None, None]:
         try:
             if self.cursor is None:
                 yield from self._catch_up()

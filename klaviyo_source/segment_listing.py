@@ -78,8 +78,9 @@ def list_segments(
     planned over every segment. `on_listed` then gets the live ones at once (the segment reports
     need them all, not one at a time).
     """
-    held = run.held
-    counts = held.member_counts()
+    with run.held.kept_open():
+        counts = run.held.member_counts()
+        held_live = run.held.live_segments()
     # Keyed by id: a segment listed on two pages is walked once.
     live_by_id: Dict[str, ListedSegment] = {}
     for document in client.get_segments(filter=selection.filter, include=["tags"]):
@@ -95,7 +96,6 @@ def list_segments(
             )
     live = list(live_by_id.values())
     listed = set(live_by_id)
-    held_live = held.live_segments()
     unknown_ids = [
         value
         for value in configured_ids

@@ -28,6 +28,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    # One worker more than cores: a fifth of the suite waits on rate-limit windows and child
+    # processes, time another worker fills (docs/testing.md has the measurements).
+    return (os.cpu_count() or 1) + 1
+
+
 def pytest_configure(config: pytest.Config) -> None:
     interval = config.getoption("--switch-interval", default=None)
     if interval is not None:

@@ -1,18 +1,21 @@
 """Bad input through the pipeline script: one clear line (cause and fix), exit 1, nothing written.
 
-Each case runs `pipelines/klaviyo_pipeline.py` as a scheduler would, configured only by
-environment variables, against the simulator (or an address nothing listens on). The cases
-are independent processes, so they all start at once and each test checks its own outcome.
+Each case runs `pipelines/klaviyo_pipeline.py` as `__main__` in a process of its own, configured
+only by environment variables, against the simulator (or an address nothing listens on). The
+processes are forked from a server that has imported dlt once (over a second of CPU each
+otherwise); the cases are independent, so they all start at once and each test checks its own
+outcome.
 """
 
+import multiprocessing
 import os
-import subprocess
+import runpy
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import duckdb
 import pytest
@@ -108,7 +111,22 @@ class Outcome:
         return {name for (name,) in rows if not name.startswith("_dlt")}
 
 
-def _run(name: str, case: Case, simulator: KlaviyoSimulator, folder: Path) -> Outcome:
+def _script_as_main(env: Dict[str, str], stdout: Path, stderr: Path) -> None:
+    """In the forked process: the script as a scheduler starts it; its exit code is the
+    process's."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(REPO)
+    with stdout.open("w") as out, stderr.open("w") as err:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.argv = [str(SCRIPT)]
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+
+
+def _run(
+    name: str, case: Case, simulator: KlaviyoSimulator, folder: Path, processes: Any
+) -> Outcome:
     env = {
         key: value
         for key, value in os.environ.items()
@@ -122,19 +140,18 @@ def _run(name: str, case: Case, simulator: KlaviyoSimulator, folder: Path) -> Ou
     env["SOURCES__KLAVIYO__BASE_URL"] = simulator.base_url
     env["SOURCES__KLAVIYO__RATE_LIMIT_TIME_SCALE"] = "1000"
     env.update(case.env)
+    stdout, stderr = folder / f"{name}.out", folder / f"{name}.err"
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    process = processes.Process(target=_script_as_main, args=(env, stdout, stderr))
+    process.start()
+    process.join(timeout=120)
+    if process.is_alive():
+        process.kill()
+        process.join()
     return Outcome(
-        result.returncode,
-        result.stdout,
-        result.stderr,
+        process.exitcode if process.exitcode is not None else -1,
+        stdout.read_text(),
+        stderr.read_text(),
         time.monotonic() - started,
         database,
         env["SOURCES__KLAVIYO__API_KEY"],
@@ -153,10 +170,14 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Out
             simulators[scopes] = KlaviyoSimulator(account, api_keys=keys, rate_limits=False)
             simulators[scopes].start()
 
+    # A fork server, not fork: this process runs the simulators' threads.
+    processes = multiprocessing.get_context("forkserver")
+    processes.set_forkserver_preload(["dlt", "klaviyo_source.cli"])
+
     def outcome(name: str) -> Outcome:
         case = CASES[name]
         scopes = frozenset(case.scopes) if case.scopes is not None else None
-        return _run(name, case, simulators[scopes], folder)
+        return _run(name, case, simulators[scopes], folder, processes)
 
     try:
         # The unreachable base_url runs alone afterwards: its test times it.

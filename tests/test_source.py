@@ -1,5 +1,6 @@
 """The source against the simulator, loaded into a real DuckDB file and compared with the truth."""
 
+import inspect
 import json
 import math
 from datetime import datetime, timedelta, timezone
@@ -449,4 +450,49 @@ def test_tables_holding_rows_are_merged_into_even_when_the_pipeline_forgot_them(
 
     assert set(_write_dispositions(pipeline).values()) == {"merge"}
     assert _repeated_keys(pipeline) == dict.fromkeys(_WALK_TABLE_KEYS, 0)
+    assert loaded_memberships(pipeline) == true_memberships(account)
+
+
+def test_reads_of_the_destination_share_a_connection_that_closes_with_the_extract(
+    account: Account, source_for: Callable, make_pipeline: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a DuckDB connection costs more than most of a walk's queries: the run's setup,
+    each walk and the profile refresh read on one kept open, closed once the last is done."""
+    from dlt.destinations.impl.duckdb.sql_client import DuckDbSqlClient
+
+    opened: List[str] = []
+    closed: List[str] = []
+    queries: List[str] = []
+
+    def source_reads() -> bool:
+        return any("klaviyo_source/held.py" in frame.filename for frame in inspect.stack(0))
+
+    def counted(calls: List[str], method: Callable) -> Callable:
+        def wrapper(self: DuckDbSqlClient, *args: object, **kwargs: object) -> object:
+            if source_reads():
+                calls.append(method.__name__)
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        DuckDbSqlClient, "open_connection", counted(opened, DuckDbSqlClient.open_connection)
+    )
+    monkeypatch.setattr(
+        DuckDbSqlClient, "close_connection", counted(closed, DuckDbSqlClient.close_connection)
+    )
+    monkeypatch.setattr(
+        DuckDbSqlClient, "execute_query", counted(queries, DuckDbSqlClient.execute_query)
+    )
+    pipeline = make_pipeline()
+    pipeline.run(source_for())
+    for calls in (opened, closed, queries):
+        calls.clear()
+
+    pipeline.run(source_for(reconcile="all"))
+
+    live = len(account.segments())
+    # Setup (tables, counts, held segments), every walk and the refresh: each at most once.
+    assert len(opened) <= 2 + live < len(queries)
+    assert len(closed) == len(opened)  # nothing left open for the load or after the run
     assert loaded_memberships(pipeline) == true_memberships(account)
