@@ -9,7 +9,9 @@ starts and before it yields the first segment. From then on the walks touch only
 
 - `load_id`, `started`: set once, never changed;
 - `held` (`HeldData`): its tables and columns were read at the start; its queries run one at
-  a time under its lock, on one SQL client made in the pipeline's thread;
+  a time under its lock, on one SQL client made in the pipeline's thread. The client's
+  connection is opened by the first walk (or setup, or refresh) that keeps it open and closed
+  by the last, under the same lock, so no query finds it closed and none outlives the extract;
 - `members` (`MembersThisRun`): a lock around every read and write;
 - `progress` (`SegmentProgress`): the run's only writes to dlt state, under a lock. The dicts
   it writes are dlt's own, fetched here; a walk writes only its own segment's keys, and dlt
