@@ -87,7 +87,10 @@ class HeldData:
 
     def __init__(self, sql_client: Optional[SqlClientBase[Any]], appends_versions: bool) -> None:
         self._client = sql_client
-        self._lock = threading.Lock()
+        # Reentrant: a walk abandoned mid-way (a failed run) ends its `kept_open` block when the
+        # collector finalizes it, in whatever thread it runs, maybe one inside a query here.
+        # That thread is then in a block of its own, so the connection stays open under it.
+        self._lock = threading.RLock()
         # How many `kept_open` blocks are running: the connection stays open while any is.
         self._keepers = 0
         # Plain files cannot be merged into: the filesystem destination appends every version
