@@ -295,16 +295,24 @@ def export_once(
     return measured
 
 
-def measure_size(memberships: int, args: argparse.Namespace, root: Path) -> list[Measured]:
-    with served_account(memberships, args.realistic) as (info, profiles):
+def measure_size(
+    memberships: int,
+    root: Path,
+    *,
+    realistic: bool = False,
+    reconcile: bool = False,
+    rss_limit_mb: float = 3072.0,
+) -> list[Measured]:
+    """A first export of an account of `memberships` (lean unless `realistic`) into a DuckDB
+    file under `root`, and with `reconcile` a `reconcile="all"` run over it."""
+    with served_account(memberships, realistic) as (info, profiles):
         workdir = root / f"export-{memberships}"
         workdir.mkdir()
         size = f"{memberships / 1e6:g}M memberships, {profiles / 1e3:,.0f}k profiles"
-        runs = [export_once(info, profiles, workdir, f"{size}, first export", "off", args.limit)]
-        if args.reconcile and not runs[0].result.error:
-            runs.append(
-                export_once(info, profiles, workdir, f"{size}, reconcile=all", "all", args.limit)
-            )
+        runs = [export_once(info, profiles, workdir, f"{size}, first export", "off", rss_limit_mb)]
+        if reconcile and not runs[0].result.error:
+            label = f"{size}, reconcile=all"
+            runs.append(export_once(info, profiles, workdir, label, "all", rss_limit_mb))
     return runs
 
 
@@ -514,7 +522,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.sizes
                 else DEFAULT_SIZES + ((LONG_SIZE,) if args.long else ())
             )
-            runs = [run for size in sizes for run in measure_size(size, args, root)]
+            runs = [
+                run
+                for size in sizes
+                for run in measure_size(
+                    size,
+                    root,
+                    realistic=args.realistic,
+                    reconcile=args.reconcile,
+                    rss_limit_mb=args.limit,
+                )
+            ]
             lines = [run.line() for run in runs]
             over = [run for run in runs if run.result.peak_rss_mb > TARGET_MB]
             lines.append(
