@@ -337,6 +337,7 @@ class ExportJob:
     include_profiles: bool = True
     loader_file_format: str = "parquet"
     reconcile: str = "off"
+    segment_reports: bool = True  # the source's default
     revision: str | None = None
     rate_limit_time_scale: float = UNLIMITED_SCALE
     profile_to: str | None = None
@@ -483,6 +484,7 @@ def make_source(job: ExportJob) -> Any:
         "base_url": job.base_url,
         "include_profiles": job.include_profiles,
         "reconcile": job.reconcile,
+        "segment_reports": job.segment_reports,
         "rate_limit_time_scale": job.rate_limit_time_scale,
     }
     if job.revision:
@@ -754,8 +756,11 @@ def bucket_windows(bucket: str, revision: str) -> list[tuple[int, float]]:
     """(requests, scaled seconds) windows the simulator enforces on a bucket, burst first."""
     from klaviyo_source.simulator.rate_limits import tier_windows
     from klaviyo_source.simulator.revisions import Revision
+    from klaviyo_source.simulator.segment_reports import ReportSettings
     from klaviyo_source.simulator.spec_tables import OPERATION_TIER
 
+    if OPERATION_TIER.get(bucket) == "REPORT":  # the report endpoints' own windows
+        return [(w.limit, w.seconds) for w in ReportSettings().windows()]
     tier = {
         "additional-fields:profile_count": "XS",
         "additional-fields:predictive_analytics": "M",
@@ -909,6 +914,8 @@ def pacing_rows(plan: Plan, root: Path) -> tuple[list[Row], list[MeasuredExport]
                 sim,
                 new_workdir(root, f"pacing-{revision}"),
                 include_profiles=plan.pacing_include_profiles,
+                # The reports' backfill, at 2 requests a minute, would set the wall alone.
+                segment_reports=False,
                 revision=revision,
                 rate_limit_time_scale=scale,
             )
