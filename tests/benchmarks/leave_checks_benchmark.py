@@ -1,7 +1,10 @@
 """No-change run benchmark: a run with leave detection on, at Klaviyo's real rate limits.
 
 Not a test. Run: ``.venv/bin/python tests/benchmarks/leave_checks_benchmark.py``
-(``--segments 20,100,500`` by default; a few minutes in all). For each number of segments:
+(``--segments 20,100,500`` by default: about 3 minutes in all, under a minute of it the timed
+runs; there is no long mode). ``export_benchmark.py`` prints the default rows in its table
+through `measure_no_change`; this script gives one table of its own and the variants below.
+For each number of segments:
 
 - an account whose segment sizes have a long tail (tests/scenarios.py,
   `sizes_as_accounts_have_them`: the n-th largest holds 1/n of the largest, 20,000 by

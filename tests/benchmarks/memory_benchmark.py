@@ -2,8 +2,13 @@
 run's per-profile and per-member structures cost on their own.
 
 Not a test. Run: ``.venv/bin/python tests/benchmarks/memory_benchmark.py [--long]``
-(1M and 3M memberships; ``--long`` adds 10M, which takes about half an hour). ``--structures``
-measures only the structures, in this process, at ``--profiles`` profiles (2.5M by default).
+(1M and 3M memberships, about 10 minutes; ``--long`` adds 10M, about half an hour more).
+``--structures`` measures only the structures, in this process, at ``--profiles`` profiles
+(2.5M by default, about 7 minutes). Printed: the machine and the code measured, then a line per
+export (peak RSS and the step it fell in, RSS by step, time, CPU, rows loaded against the
+account) and whether every run kept within the target. ``export_benchmark.py`` prints the
+peak RSS of these exports (1M; 10M with its ``--long``) in its table through `measure_size`;
+this script adds 3M, ``--realistic``, ``--reconcile`` and ``--structures``.
 
 How it measures:
 
