@@ -1,10 +1,28 @@
-"""Export benchmark: speed, requests and memory of full and no-change exports, one table of figures.
+"""Export benchmark: the project's performance figures, in one table.
 
-Not a test. Run: ``.venv/bin/python tests/benchmarks/export_benchmark.py [--quick]``
-(``--quick`` is a smoke check with small accounts, under a minute; its figures mean little).
-The full run takes about 11 minutes; ``--pacing-only`` runs the limits-on figures alone (5).
-``--profile`` instead profiles one export with limits off and prints the top functions and
-where the time goes, grouped by layer.
+Not a test. Run: ``.venv/bin/python tests/benchmarks/export_benchmark.py [--quick] [--long]``.
+It prints the machine it ran on (CPU, cores, load, versions), the code it measured, and one
+table, each row with its target and whether it was met:
+
+1. a full export at Klaviyo's published limits: its wall against the fewest seconds the
+   quotas allow its requests, where the wall went, the share of 429s, the share of each
+   quota used, memberships a minute, the exporter's CPU;
+2. requests per 100 memberships of a full export, and of no-change runs (limits off);
+3. memberships a second into DuckDB and CPU per 100k memberships (limits off);
+4. peak RSS of the exporting process at 10k, 100k and 1M memberships, of a reconciliation
+   run, and of exports of lean accounts as the command runs them (1M; ``--long`` adds 10M);
+5. no-change runs with leave checks at the limits, at 20, 100 and 500 segments (wall, requests
+   by endpoint, 429s), and at the most segments the hourly run that reads the segment reports'
+   last days again.
+
+The full run takes about 20 minutes; ``--long`` adds about half an hour (the 10M account is
+built in the simulator's process, then exported). ``--quick`` is a smoke check of every row
+with small accounts (no-change runs at 3 and 6 segments, lean accounts of 10k and 30k), about
+two minutes; its figures mean little. ``--pacing-only`` runs figure 1 alone (about 5 minutes).
+``--no-change-segments``, ``--no-change-largest`` and ``--lean-memberships`` change the sizes
+of figures 5 and 4 (empty: none). ``--profile`` instead profiles one export with limits off and
+prints the top functions and where the time goes, grouped by layer. A figure that could not be
+measured is marked FAILED and the script exits with 1.
 
 How it measures:
 
@@ -28,7 +46,20 @@ How it measures:
   earliest had every request gone as soon as its windows had room, after the export's start.
   The share of each quota used is its requests over as many as its windows allowed during the
   wall. At S above 10 the scaled ceiling (12,500 memberships/s) passes what the exporter can
-  do with limits off, and the figures would measure its CPU instead.
+  do with limits off, and the figures would measure its CPU instead. The paced exports leave
+  out the segment reports: at 2 requests a minute their backfill would set the wall alone.
+- Lean accounts (figure 4) are measured by ``memory_benchmark.measure_size``: profiles with
+  few attributes of their own, 4 memberships a profile, served without the simulator's row
+  cache; each export runs as ``klaviyo-export`` runs it (``KlaviyoExport.run``) in a fresh
+  process, its peak RSS is ``ru_maxrss``, and a run that loaded less than the account is
+  reported as failed.
+- No-change runs (figure 5) are measured by ``leave_checks_benchmark.measure_no_change``: an
+  account with a long tail of segment sizes (the n-th largest holds 1/n of the largest),
+  a first export with the limits off, then, with nothing changed, a run with
+  ``reconcile="counts"`` while the simulator enforces the published limits at ``--time-scale``
+  (1: real windows) and the source paces at the same scale; the segment reports are off
+  except in the hourly run's row. That run is timed in this process, with the code it
+  imported at its start.
 - Each row records which loader file format every table really got, and every export the
   hash of the source package it imported: other people may change the code during a run.
 - The profile is cProfile on every thread (each thread started during the export gets its
@@ -88,6 +119,12 @@ TARGET_MEMBERSHIPS_PER_S = 25_000
 # Extract workers of the comparison run (dlt's default is 5): see `fewer_workers_run`.
 FEWER_WORKERS = 2
 TARGET_PEAK_RSS_MB = 300.0
+# No-change runs at the limits: the wall allowed a run of at most so many segments.
+TARGET_NO_CHANGE_S = ((100, 30.0), (500, 120.0))
+NO_CHANGE_SEGMENTS = (20, 100, 500)
+NO_CHANGE_LARGEST = 20_000  # members of the largest segment (leave_checks_benchmark's default)
+LEAN_RSS_SIZES = (1_000_000,)  # memberships of memory_benchmark's lean accounts
+LONG_RSS_SIZE = 10_000_000  # added by --long
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -106,6 +143,9 @@ class Plan:
     throughput_sizes: tuple[int, ...]
     request_count_size: int
     rss_sizes: tuple[int, ...]
+    lean_rss_sizes: tuple[int, ...]  # memberships of lean accounts exported as the command does
+    no_change_segments: tuple[int, ...]  # segments of the no-change runs at the limits
+    no_change_largest: int  # members of their largest segment
     formats: tuple[str, ...]
     rss_limit_mb: float
 
@@ -114,8 +154,14 @@ class Plan:
         return {*self.throughput_sizes, *self.rss_sizes}
 
 
+def _sizes(text: str | None) -> tuple[int, ...] | None:
+    """Comma-separated whole numbers, or None when the option was not given."""
+    return None if text is None else tuple(int(value) for value in text.split(",") if value)
+
+
 def make_plan(args: argparse.Namespace, formats: tuple[str, ...]) -> Plan:
-    """The benchmark's sizes, or small ones for a smoke check (`--quick`)."""
+    """The benchmark's sizes, or small ones for a smoke check (`--quick`); sizes given on the
+    command line win over both."""
     from klaviyo_source.settings import DEFAULT_REVISION
 
     plan = Plan(
@@ -128,19 +174,33 @@ def make_plan(args: argparse.Namespace, formats: tuple[str, ...]) -> Plan:
         throughput_sizes=(100_000, 1_000_000),
         request_count_size=100_000,
         rss_sizes=(10_000, 100_000, 1_000_000),
+        lean_rss_sizes=LEAN_RSS_SIZES,
+        no_change_segments=NO_CHANGE_SEGMENTS,
+        no_change_largest=NO_CHANGE_LARGEST,
         formats=formats,
         rss_limit_mb=args.rss_limit_gb * 1024,
     )
-    if not args.quick:
-        return plan
+    if args.quick:
+        plan = replace(
+            plan,
+            pacing_memberships=20_000,
+            pacing_revisions=(DEFAULT_REVISION,),
+            throughput_sizes=(10_000,),
+            request_count_size=10_000,
+            rss_sizes=(10_000,),
+            lean_rss_sizes=(10_000, 30_000),
+            no_change_segments=(3, 6),
+            no_change_largest=300,
+            formats=formats[:1],
+        )
+    lean = _sizes(args.lean_memberships)
+    segments = _sizes(args.no_change_segments)
     return replace(
         plan,
-        pacing_memberships=20_000,
-        pacing_revisions=(DEFAULT_REVISION,),
-        throughput_sizes=(10_000,),
-        request_count_size=10_000,
-        rss_sizes=(10_000,),
-        formats=formats[:1],
+        lean_rss_sizes=(plan.lean_rss_sizes if lean is None else lean)
+        + ((LONG_RSS_SIZE,) if args.long else ()),
+        no_change_segments=plan.no_change_segments if segments is None else segments,
+        no_change_largest=args.no_change_largest or plan.no_change_largest,
     )
 
 
@@ -337,6 +397,7 @@ class ExportJob:
     include_profiles: bool = True
     loader_file_format: str = "parquet"
     reconcile: str = "off"
+    segment_reports: bool = True  # the source's default
     revision: str | None = None
     rate_limit_time_scale: float = UNLIMITED_SCALE
     profile_to: str | None = None
@@ -483,6 +544,7 @@ def make_source(job: ExportJob) -> Any:
         "base_url": job.base_url,
         "include_profiles": job.include_profiles,
         "reconcile": job.reconcile,
+        "segment_reports": job.segment_reports,
         "rate_limit_time_scale": job.rate_limit_time_scale,
     }
     if job.revision:
@@ -653,16 +715,19 @@ class Row:
     value: str
     target: str = ""
     met: bool | None = None
+    failed: bool = False  # the figure could not be measured
 
 
-def _mark(met: bool | None) -> str:
-    return "" if met is None else ("yes" if met else "NO")
+def _mark(row: Row) -> str:
+    if row.failed:
+        return "FAILED"
+    return "" if row.met is None else ("yes" if row.met else "NO")
 
 
 def render_table(rows: Sequence[Row]) -> str:
     """A plain-text table, one row per figure, sections in order."""
     header = ("#", "figure", "value", "target", "met")
-    body = [(row.section, row.figure, row.value, row.target, _mark(row.met)) for row in rows]
+    body = [(row.section, row.figure, row.value, row.target, _mark(row)) for row in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
@@ -754,8 +819,11 @@ def bucket_windows(bucket: str, revision: str) -> list[tuple[int, float]]:
     """(requests, scaled seconds) windows the simulator enforces on a bucket, burst first."""
     from klaviyo_source.simulator.rate_limits import tier_windows
     from klaviyo_source.simulator.revisions import Revision
+    from klaviyo_source.simulator.segment_reports import ReportSettings
     from klaviyo_source.simulator.spec_tables import OPERATION_TIER
 
+    if OPERATION_TIER.get(bucket) == "REPORT":  # the report endpoints' own windows
+        return [(w.limit, w.seconds) for w in ReportSettings().windows()]
     tier = {
         "additional-fields:profile_count": "XS",
         "additional-fields:predictive_analytics": "M",
@@ -909,6 +977,8 @@ def pacing_rows(plan: Plan, root: Path) -> tuple[list[Row], list[MeasuredExport]
                 sim,
                 new_workdir(root, f"pacing-{revision}"),
                 include_profiles=plan.pacing_include_profiles,
+                # The reports' backfill, at 2 requests a minute, would set the wall alone.
+                segment_reports=False,
                 revision=revision,
                 rate_limit_time_scale=scale,
             )
@@ -940,7 +1010,7 @@ def _formats_text(formats: dict[str, str]) -> str:
 
 
 def _failed_row(section: str, figure: str, run: MeasuredExport, target: str) -> Row:
-    return Row(section, figure, run.result.error or "failed", target, False)
+    return Row(section, figure, run.result.error or "failed", target, False, failed=True)
 
 
 def requests_per_100_row(run: MeasuredExport, segment_sizes: dict[str, int]) -> Row:
@@ -1088,6 +1158,108 @@ def reconciliation_rss_row(sim: SimulatorProcess, full: MeasuredExport) -> Row:
     return Row("4", figure, f"{rss:,.0f} MB", target, rss <= TARGET_PEAK_RSS_MB)
 
 
+def lean_rss_row(measured: Any) -> Row:
+    """Figure 4c: peak RSS of one export of a lean account as the command runs it
+    (a `memory_benchmark.Measured`: its account, `KlaviyoExport.run` in a fresh process)."""
+    result = measured.result
+    figure = (
+        f"peak RSS of KlaviyoExport.run, lean account of {_k(measured.memberships)} memberships, "
+        f"{measured.profiles:,} profiles each in "
+        f"{measured.memberships // max(1, measured.profiles)} segments"
+    )
+    target = f"<= {TARGET_PEAK_RSS_MB:.0f} MB"
+    if result.error:
+        return Row("4", figure, result.error.strip().splitlines()[-1], target, False, failed=True)
+    steps = " / ".join(
+        f"{step} {result.rss_by_step.get(step, 0):,.0f}"
+        for step in ("extract", "normalize", "load")
+    )
+    figure += f" (peak MB in {steps}; {result.wall_s:.0f} s, CPU {result.cpu_s:.0f} s)"
+    rss = result.peak_rss_mb
+    if not measured.complete:
+        loaded = f"{result.memberships:,} of {measured.memberships:,} memberships"
+        return Row("4", figure, f"{rss:,.0f} MB, loaded only {loaded}", target, False, failed=True)
+    return Row("4", figure, f"{rss:,.0f} MB", target, rss <= TARGET_PEAK_RSS_MB)
+
+
+def lean_rss_rows(plan: Plan, root: Path) -> tuple[list[Row], list[ExportResult]]:
+    """Figure 4c at each lean size, measured by memory_benchmark (imported here: it imports
+    this module)."""
+    import memory_benchmark
+
+    rows: list[Row] = []
+    results: list[ExportResult] = []
+    for size in plan.lean_rss_sizes:
+        log(f"4. peak RSS, lean account of {_k(size)} memberships, as the command exports it")
+        for measured in memory_benchmark.measure_size(size, root, rss_limit_mb=plan.rss_limit_mb):
+            rows.append(lean_rss_row(measured))
+            results.append(measured.result)
+    return rows, results
+
+
+def no_change_target_s(segments: int) -> float | None:
+    """The wall a no-change run over so many segments may take, if one is set."""
+    return next((seconds for most, seconds in TARGET_NO_CHANGE_S if segments <= most), None)
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
+def no_change_at_limits_rows(run: Any, label: str) -> list[Row]:
+    """Figure 5 of one run (a `leave_checks_benchmark.NoChangeRun`): its wall, its requests."""
+    target_s = no_change_target_s(run.segments)
+    target = f"<= {_seconds_text(target_s)}" if target_s is not None else ""
+    throttled_share = run.throttled / max(1, run.answered)
+    return [
+        Row(
+            "5",
+            f"no-change run, {run.segments} segments ({label}; {run.memberships:,} "
+            f"memberships): wall of pipeline.run (extract {run.extract_s:.1f} s; {run.plan})",
+            f"{run.wall_s:.1f} s",
+            target,
+            None if target_s is None else run.wall_s <= target_s,
+        ),
+        Row(
+            "5",
+            f"no-change run, {run.segments} segments: requests by endpoint ({run.served_text()})",
+            f"{run.answered:,}; {run.throttled} answered 429",
+            f"429s <= {TARGET_THROTTLED_SHARE:.0%}",
+            throttled_share <= TARGET_THROTTLED_SHARE,
+        ),
+    ]
+
+
+def no_change_section(plan: Plan) -> list[Row]:
+    """Figure 5: no-change runs with leave checks at the limits, measured by
+    leave_checks_benchmark (a first export with the limits off, then the timed run); at the
+    most segments, also the hourly run that reads the segment reports' last days again."""
+    import leave_checks_benchmark as leave_checks
+
+    scale = plan.pacing_time_scale
+    options = leave_checks.Options(largest=plan.no_change_largest, time_scale=scale)
+    hourly = replace(options, segment_reports=True, reread_reports=True)
+    label = f"largest {plan.no_change_largest:,}, reconcile={options.reconcile}, x{scale:g}"
+    runs = [(segments, options, label) for segments in plan.no_change_segments]
+    if plan.no_change_segments:
+        reports = f"{label}, segment reports on: the hourly run that reads their last days again"
+        runs.append((max(plan.no_change_segments), hourly, reports))
+    rows: list[Row] = []
+    for segments, chosen, text in runs:
+        log(f"5. no-change run at the limits, {segments} segments ({text})")
+        try:
+            rows += no_change_at_limits_rows(leave_checks.measure_no_change(segments, chosen), text)
+        except Exception as error:  # noqa: BLE001 - the row says so, the other rows go on
+            figure = f"no-change run, {segments} segments ({text})"
+            target_s = no_change_target_s(segments)
+            target = f"<= {_seconds_text(target_s)}" if target_s is not None else ""
+            log(traceback.format_exc())
+            rows.append(
+                Row("5", figure, f"{type(error).__name__}: {error}", target, False, failed=True)
+            )
+    return rows
+
+
 def correctness_row(runs: Sequence[MeasuredExport]) -> Row:
     """Every full export loaded exactly the simulator's memberships (else figures mislead)."""
     wrong = [
@@ -1104,9 +1276,9 @@ def correctness_row(runs: Sequence[MeasuredExport]) -> Row:
     )
 
 
-def code_versions_row(runs: Sequence[MeasuredExport]) -> Row:
+def code_versions_row(results: Sequence[ExportResult]) -> Row:
     """Whether every export ran the same source code (others may edit it meanwhile)."""
-    versions = sorted({run.result.code for run in runs if run.result.code})
+    versions = sorted({result.code for result in results if result.code})
     return Row(
         "-",
         "source versions the exports ran (sha256 of klaviyo_source/*.py)",
@@ -1200,11 +1372,13 @@ def run_size(size: int, plan: Plan, root: Path) -> SizeResults:
 
 
 def run_benchmark(plan: Plan, root: Path) -> list[Row]:
-    """All four figures, in the table's order (the first alone with `--pacing-only`)."""
+    """All five figures, in the table's order (the first alone with `--pacing-only`)."""
     pacing, paced_runs = pacing_rows(plan, root)
     if plan.pacing_only:
-        return pacing + [code_versions_row(paced_runs)]
+        return pacing + [code_versions_row([run.result for run in paced_runs])]
     results = {size: run_size(size, plan, root) for size in sorted(plan.sizes())}
+    lean, lean_results = lean_rss_rows(plan, root)
+    no_change_at_limits = no_change_section(plan)
     requests = [
         requests_per_100_row(default_run(found.runs), found.segment_sizes)
         for found in results.values()
@@ -1213,14 +1387,17 @@ def run_benchmark(plan: Plan, root: Path) -> list[Row]:
     throughput = [run for size in plan.throughput_sizes for run in results[size].runs]
     rss = [default_run(results[size].runs) for size in plan.rss_sizes]
     every_run = [run for found in results.values() for run in found.runs]
+    exports = [run.result for run in [*paced_runs, *every_run]] + lean_results
     return (
         pacing
         + requests
         + no_change
         + throughput_rows(throughput)
         + rss_rows(rss)
+        + lean
         + [row for found in results.values() for row in found.reconciliation]
-        + [correctness_row(every_run), code_versions_row([*paced_runs, *every_run])]
+        + no_change_at_limits
+        + [correctness_row(every_run), code_versions_row(exports)]
     )
 
 
@@ -1443,6 +1620,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--formats", default=None, help="loader file formats, comma-separated (parquet,jsonl)"
     )
     parser.add_argument(
+        "--no-change-segments",
+        default=None,
+        help="segments of the no-change runs at the limits, comma-separated (20,100,500; "
+        "quick: 3,6; empty: none)",
+    )
+    parser.add_argument(
+        "--no-change-largest",
+        type=int,
+        default=None,
+        help="members of their largest segment (20000; quick: 300)",
+    )
+    parser.add_argument(
+        "--lean-memberships",
+        default=None,
+        help="memberships of the lean accounts whose export's peak RSS is measured as the "
+        "command runs it, comma-separated (1000000; quick: 10000,30000; empty: none)",
+    )
+    parser.add_argument(
+        "--long", action="store_true", help="add a lean account of 10M memberships (~30 min)"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="profile one export instead of the table"
     )
     parser.add_argument("--profile-memberships", type=int, default=1_000_000)
@@ -1495,6 +1693,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Figures are provisional (shared 2-core machine)."
     )
     print(render_table(rows))
+    failed = [row for row in rows if row.failed]
+    if failed:
+        print(
+            f"{len(failed)} figure(s) could not be measured (FAILED rows above; the log on "
+            "stderr has each cause)"
+        )
+        return 1
     return 0
 
 

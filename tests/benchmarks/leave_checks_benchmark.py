@@ -1,7 +1,10 @@
 """No-change run benchmark: a run with leave detection on, at Klaviyo's real rate limits.
 
 Not a test. Run: ``.venv/bin/python tests/benchmarks/leave_checks_benchmark.py``
-(``--segments 20,100,500`` by default; a few minutes in all). For each number of segments:
+(``--segments 20,100,500`` by default: about 3 minutes in all, under a minute of it the timed
+runs; there is no long mode). ``export_benchmark.py`` prints the default rows in its table
+through `measure_no_change`; this script gives one table of its own and the variants below.
+For each number of segments:
 
 - an account whose segment sizes have a long tail (tests/scenarios.py,
   `sizes_as_accounts_have_them`: the n-th largest holds 1/n of the largest, 20,000 by
@@ -30,6 +33,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -77,7 +83,7 @@ def serve(conn: Connection, segments: int, largest: int, time_scale: float) -> N
 
 def _endpoint(record: Any) -> str:
     if record.status == 429:
-        return "429 throttled"
+        return THROTTLED
     if record.operation == "get_segment" and "additional-fields[segment]" in record.query:
         return "profile_count"
     return str(record.operation)
@@ -105,6 +111,52 @@ class Simulator:
 # -- one measured row -------------------------------------------------------------------------
 
 
+THROTTLED = "429 throttled"  # the key under which `NoChangeRun.requests` counts 429s
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a no-change run is set up and paced (the script's options; other benchmarks reuse
+    `measure_no_change` with their own)."""
+
+    largest: int = 20_000  # members of the largest segment; the n-th largest holds 1/n of it
+    reconcile: str = "counts"
+    include_profiles: bool = True
+    segment_reports: bool = False
+    reread_reports: bool = False  # the timed run reads the segments' last report days again
+    time_scale: float = 1.0  # 1: Klaviyo's real 1 s and 60 s windows
+
+
+@dataclass(frozen=True)
+class NoChangeRun:
+    """What one timed no-change run cost."""
+
+    segments: int
+    memberships: int
+    wall_s: float  # the whole `pipeline.run`: extract, normalize, load
+    extract_s: float
+    requests: Counter[str]  # requests answered, by endpoint; 429s under `THROTTLED`
+    plan: str  # the leave-check plan the run logged, "-" if it logged none
+
+    @property
+    def answered(self) -> int:
+        return sum(self.requests.values())
+
+    @property
+    def throttled(self) -> int:
+        return self.requests.get(THROTTLED, 0)
+
+    def served_text(self) -> str:
+        return ", ".join(f"{name} {count}" for name, count in sorted(self.requests.items()))
+
+    def table_line(self) -> str:
+        """The run as a row of this script's table."""
+        return (
+            f"| {self.segments} | {self.memberships:,} | {self.wall_s:.1f} s | "
+            f"{self.extract_s:.1f} s | {self.served_text()} | {self.plan} |"
+        )
+
+
 class PlanLine(logging.Handler):
     """Keeps the leave-check plan the run logs."""
 
@@ -118,15 +170,25 @@ class PlanLine(logging.Handler):
             self.lines.append(message)
 
 
-def measure(segments: int, args: argparse.Namespace) -> str:
-    log(f"{segments} segments: building the account")
-    sim = Simulator(segments, args.largest, args.time_scale)
+@contextmanager
+def logged_plan() -> Iterator[PlanLine]:
+    """Collect the leave-check plans logged while the block runs."""
     plan = PlanLine()
     planner = logging.getLogger("klaviyo_source.segment_listing")
     planner.setLevel(logging.INFO)
     planner.addHandler(plan)
     try:
-        with tempfile.TemporaryDirectory() as workdir:
+        yield plan
+    finally:
+        planner.removeHandler(plan)
+
+
+def measure_no_change(segments: int, options: Options) -> NoChangeRun:
+    """A first export with the limits off, then a timed run with nothing changed, paced."""
+    log(f"{segments} segments: building the account")
+    sim = Simulator(segments, options.largest, options.time_scale)
+    try:
+        with logged_plan() as plan, tempfile.TemporaryDirectory() as workdir:
             pipeline = dlt.pipeline(
                 pipeline_name=f"leave_checks_{segments}",
                 pipelines_dir=os.path.join(workdir, "pipelines"),
@@ -138,12 +200,12 @@ def measure(segments: int, args: argparse.Namespace) -> str:
                 return klaviyo(
                     api_key=sim.api_key,
                     base_url=sim.base_url,
-                    reconcile=args.reconcile,
-                    include_profiles=not args.membership_only,
-                    segment_reports=args.segment_reports,
+                    reconcile=options.reconcile,
+                    include_profiles=options.include_profiles,
+                    segment_reports=options.segment_reports,
                     # The timed run within the hour of the first: 0 times it as the run that
                     # reads the segments' last days again (at most two requests).
-                    segment_reports_reread_minutes=0 if args.reread_reports else 60,
+                    segment_reports_reread_minutes=0 if options.reread_reports else 60,
                     rate_limit_time_scale=time_scale,
                 )
 
@@ -152,17 +214,19 @@ def measure(segments: int, args: argparse.Namespace) -> str:
             sim.call("limits", True)
             log(f"{segments} segments: no-change run at the real limits")
             started = time.monotonic()
-            pipeline.run(source(args.time_scale), loader_file_format="parquet")
+            pipeline.run(source(options.time_scale), loader_file_format="parquet")
             wall = time.monotonic() - started
             extract = _step_seconds(pipeline, "extract")
             requests = sim.call("requests")
     finally:
-        planner.removeHandler(plan)
         sim.stop()
-    served = ", ".join(f"{name} {count}" for name, count in sorted(requests.items()))
-    return (
-        f"| {segments} | {sim.memberships:,} | {wall:.1f} s | {extract:.1f} s | {served} | "
-        f"{plan.lines[-1] if plan.lines else '-'} |"
+    return NoChangeRun(
+        segments,
+        sim.memberships,
+        wall,
+        extract,
+        requests,
+        plan.lines[-1] if plan.lines else "-",
     )
 
 
@@ -174,10 +238,10 @@ def _step_seconds(pipeline: dlt.Pipeline, step: str) -> float:
     return float("nan")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--segments", default="20,100,500")
-    parser.add_argument("--largest", type=int, default=20_000)
+    parser.add_argument("--largest", type=int, default=Options.largest)
     parser.add_argument("--reconcile", default="counts", choices=("counts", "all", "off"))
     parser.add_argument("--membership-only", action="store_true")
     parser.add_argument(
@@ -194,18 +258,30 @@ def main() -> None:
     parser.add_argument(
         "--time-scale", type=float, default=1.0, help="1: Klaviyo's real 1 s and 60 s windows"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    options = Options(
+        largest=args.largest,
+        reconcile=args.reconcile,
+        include_profiles=not args.membership_only,
+        segment_reports=args.segment_reports,
+        reread_reports=args.reread_reports,
+        time_scale=args.time_scale,
+    )
     os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
     os.environ.setdefault("RUNTIME__LOG_LEVEL", "WARNING")
     print(
-        f"reconcile={args.reconcile}, largest segment {args.largest:,}, time scale "
-        f"{args.time_scale:g}, profiles {'off' if args.membership_only else 'on'}, segment "
-        f"reports {'on' if args.segment_reports else 'off'}"
+        f"reconcile={options.reconcile}, largest segment {options.largest:,}, time scale "
+        f"{options.time_scale:g}, profiles {'on' if options.include_profiles else 'off'}, "
+        f"segment reports {'on' if options.segment_reports else 'off'}"
     )
     print("| segments | memberships | no-change run | extract | requests | plan |")
     print("|---|---|---|---|---|---|")
     for segments in (int(value) for value in args.segments.split(",")):
-        print(measure(segments, args), flush=True)
+        print(measure_no_change(segments, options).table_line(), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,13 @@
 run's per-profile and per-member structures cost on their own.
 
 Not a test. Run: ``.venv/bin/python tests/benchmarks/memory_benchmark.py [--long]``
-(1M and 3M memberships; ``--long`` adds 10M, which takes about half an hour). ``--structures``
-measures only the structures, in this process, at ``--profiles`` profiles (2.5M by default).
+(1M and 3M memberships, about 10 minutes; ``--long`` adds 10M, about half an hour more).
+``--structures`` measures only the structures, in this process, at ``--profiles`` profiles
+(2.5M by default, about 7 minutes). Printed: the machine and the code measured, then a line per
+export (peak RSS and the step it fell in, RSS by step, time, CPU, rows loaded against the
+account) and whether every run kept within the target. ``export_benchmark.py`` prints the
+peak RSS of these exports (1M; 10M with its ``--long``) in its table through `measure_size`;
+this script adds 3M, ``--realistic``, ``--reconcile`` and ``--structures``.
 
 How it measures:
 
@@ -295,16 +300,24 @@ def export_once(
     return measured
 
 
-def measure_size(memberships: int, args: argparse.Namespace, root: Path) -> list[Measured]:
-    with served_account(memberships, args.realistic) as (info, profiles):
+def measure_size(
+    memberships: int,
+    root: Path,
+    *,
+    realistic: bool = False,
+    reconcile: bool = False,
+    rss_limit_mb: float = 3072.0,
+) -> list[Measured]:
+    """A first export of an account of `memberships` (lean unless `realistic`) into a DuckDB
+    file under `root`, and with `reconcile` a `reconcile="all"` run over it."""
+    with served_account(memberships, realistic) as (info, profiles):
         workdir = root / f"export-{memberships}"
         workdir.mkdir()
         size = f"{memberships / 1e6:g}M memberships, {profiles / 1e3:,.0f}k profiles"
-        runs = [export_once(info, profiles, workdir, f"{size}, first export", "off", args.limit)]
-        if args.reconcile and not runs[0].result.error:
-            runs.append(
-                export_once(info, profiles, workdir, f"{size}, reconcile=all", "all", args.limit)
-            )
+        runs = [export_once(info, profiles, workdir, f"{size}, first export", "off", rss_limit_mb)]
+        if reconcile and not runs[0].result.error:
+            label = f"{size}, reconcile=all"
+            runs.append(export_once(info, profiles, workdir, label, "all", rss_limit_mb))
     return runs
 
 
@@ -514,7 +527,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.sizes
                 else DEFAULT_SIZES + ((LONG_SIZE,) if args.long else ())
             )
-            runs = [run for size in sizes for run in measure_size(size, args, root)]
+            runs = [
+                run
+                for size in sizes
+                for run in measure_size(
+                    size,
+                    root,
+                    realistic=args.realistic,
+                    reconcile=args.reconcile,
+                    rss_limit_mb=args.limit,
+                )
+            ]
             lines = [run.line() for run in runs]
             over = [run for run in runs if run.result.peak_rss_mb > TARGET_MB]
             lines.append(
