@@ -14,8 +14,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Dict, Iterator, List, Optional, Set
 
 import duckdb
 import pytest
@@ -125,7 +126,11 @@ def _script_as_main(env: Dict[str, str], stdout: Path, stderr: Path) -> None:
 
 
 def _run(
-    name: str, case: Case, simulator: KlaviyoSimulator, folder: Path, processes: Any
+    name: str,
+    case: Case,
+    simulator: KlaviyoSimulator,
+    folder: Path,
+    processes: ForkServerContext,
 ) -> Outcome:
     env = {
         key: value

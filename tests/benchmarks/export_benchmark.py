@@ -1012,6 +1012,11 @@ def _failed_row(section: str, figure: str, run: MeasuredExport, target: str) -> 
     return Row(section, figure, run.result.error or "failed", target, False, failed=True)
 
 
+def pages(rows: int, page_size: int) -> int:
+    """Pages a listing of so many rows takes; an empty listing is one page too."""
+    return max(1, -(-rows // page_size))
+
+
 # Requests for Klaviyo's daily segment reports, a table of their own beside the export.
 REPORT_OPERATIONS = ("query_segment_series", "query_segment_values")
 
@@ -1026,16 +1031,13 @@ def requests_per_100_row(run: MeasuredExport, segment_sizes: dict[str, int]) -> 
     """
     reports = sum(run.counters.get(name, 0) for name in REPORT_OPERATIONS)
     made = sum(run.counters.values()) - reports
-    pages = run.counters.get("get_segment_profiles", 0)
-    listing_pages = -(-len(segment_sizes) // LISTING_PAGE_SIZE)
-    fewest = (
-        listing_pages
-        + 1
-        + sum(max(1, -(-size // MEMBER_PAGE_SIZE)) for size in segment_sizes.values())
-    )
+    walked_pages = run.counters.get("get_segment_profiles", 0)
+    listing_pages = pages(len(segment_sizes), LISTING_PAGE_SIZE)
+    member_pages = sum(pages(size, MEMBER_PAGE_SIZE) for size in segment_sizes.values())
+    fewest = listing_pages + 1 + member_pages
     figure = (
         f"requests of a full export of {_k(run.served)} against the fewest its segments allow "
-        f"({pages} segment-profile pages; {reports} segment report requests besides)"
+        f"({walked_pages} segment-profile pages; {reports} segment report requests besides)"
     )
     target = f"<= {fewest} ({listing_pages} listing + 1 tags + member pages)"
     if run.result.error:
@@ -1048,7 +1050,7 @@ def requests_per_100_row(run: MeasuredExport, segment_sizes: dict[str, int]) -> 
 def no_change_rows(sim: SimulatorProcess, full: MeasuredExport) -> list[Row]:
     """Figure 2b: requests of two no-change runs on the pipeline of a full export."""
     segments = len(sim.info.segment_sizes)
-    listing_pages = -(-segments // LISTING_PAGE_SIZE)
+    listing_pages = pages(segments, LISTING_PAGE_SIZE)
     # Each populated segment's leave check lists its ids (a page per 100) or counts it (1).
     checks = sum(-(-size // MEMBER_PAGE_SIZE) for size in sim.info.segment_sizes.values())
     rows = []
@@ -1219,14 +1221,16 @@ def no_change_target_s(segments: int) -> float | None:
     return next((seconds for most, seconds in TARGET_NO_CHANGE_S if segments <= most), None)
 
 
-def _seconds_text(seconds: float) -> str:
-    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+def no_change_target_text(segments: int) -> str:
+    target_s = no_change_target_s(segments)
+    if target_s is None:
+        return ""
+    return f"<= {target_s / 60:g} min" if target_s >= 60 else f"<= {target_s:g} s"
 
 
 def no_change_at_limits_rows(run: Any, label: str) -> list[Row]:
     """Figure 5 of one run (a `leave_checks_benchmark.NoChangeRun`): its wall, its requests."""
     target_s = no_change_target_s(run.segments)
-    target = f"<= {_seconds_text(target_s)}" if target_s is not None else ""
     throttled_share = run.throttled / max(1, run.answered)
     return [
         Row(
@@ -1234,7 +1238,7 @@ def no_change_at_limits_rows(run: Any, label: str) -> list[Row]:
             f"no-change run, {run.segments} segments ({label}; {run.memberships:,} "
             f"memberships): wall of pipeline.run (extract {run.extract_s:.1f} s; {run.plan})",
             f"{run.wall_s:.1f} s",
-            target,
+            no_change_target_text(run.segments),
             None if target_s is None else run.wall_s <= target_s,
         ),
         Row(
@@ -1268,8 +1272,7 @@ def no_change_section(plan: Plan) -> list[Row]:
             rows += no_change_at_limits_rows(leave_checks.measure_no_change(segments, chosen), text)
         except Exception as error:  # noqa: BLE001 - the row says so, the other rows go on
             figure = f"no-change run, {segments} segments ({text})"
-            target_s = no_change_target_s(segments)
-            target = f"<= {_seconds_text(target_s)}" if target_s is not None else ""
+            target = no_change_target_text(segments)
             log(traceback.format_exc())
             rows.append(
                 Row("5", figure, f"{type(error).__name__}: {error}", target, False, failed=True)
