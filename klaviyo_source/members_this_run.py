@@ -6,10 +6,10 @@ the load's time and most of DuckDB's memory. A profile in twenty segments is lis
 times and its profile row loaded once; a member listed twice in one walk (it re-joined while
 the walk ran) is loaded once.
 
-Each profile id is kept once, compactly (`profile_ids`), with a number of its own; each
-segment keeps the numbers of its members in a Roaring bitmap, at most 2 bytes a membership. A
-dict of profile ids to segment bits kept every id's string alive besides: it grew with the
-account far more (docs/performance.md, "Memory at 10M").
+Each profile id gets a number of its own, kept off the heap in a temporary SQLite database
+(`profile_numbers`); each segment keeps the numbers of its members in a Roaring bitmap, at
+most 2 bytes a membership. A dict of profile ids to segment bits, and later the ids packed
+in memory, grew with the account far more (docs/performance.md, "Memory at 10M").
 
 The profile refresh (`profile_refresh`) writes profile rows too. It claims a profile's row
 here before writing it, which gives the profile a number in no segment: a profile a walk
@@ -22,11 +22,11 @@ memory it took serves normalize and load (see `run.runs_started`).
 
 import enum
 import threading
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 from pyroaring import BitMap
 
-from .profile_ids import ProfileIdMap
+from .profile_numbers import ProfileNumbers
 
 
 class Sighting(enum.Enum):
@@ -45,8 +45,7 @@ class MembersThisRun:
     """
 
     def __init__(self) -> None:
-        self._numbers = ProfileIdMap("I")
-        self._profiles = 0
+        self._numbers = ProfileNumbers()
         self._segment_members: Dict[str, BitMap] = {}
         self._ended = False
         self._lock = threading.Lock()
@@ -56,16 +55,8 @@ class MembersThisRun:
         record would take every member for new and load it twice."""
         with self._lock:
             self._ended = True
-            self._numbers = ProfileIdMap("I")
+            self._numbers.close()
             self._segment_members = {}
-
-    def _number(self, profile_id: str) -> Tuple[int, bool]:
-        """The profile's number, and whether it got it just now; under the lock."""
-        number = self._numbers.setdefault(profile_id, self._profiles)
-        new = number == self._profiles
-        if new:
-            self._profiles += 1
-        return number, new
 
     def _check_running(self) -> None:
         if self._ended:
@@ -77,8 +68,7 @@ class MembersThisRun:
             self._check_running()
             members = self._segment_members.setdefault(segment_id, BitMap())
             sightings = []
-            for profile_id in profile_ids:
-                number, new = self._number(profile_id)
+            for number, new in self._numbers.number(profile_ids):
                 if new:
                     sightings.append(Sighting.NEW_PROFILE)
                 elif number in members:
@@ -96,15 +86,12 @@ class MembersThisRun:
             members = self._segment_members.get(segment_id)
             if members is None:
                 return [False] * len(profile_ids)
-            listed = []
-            for profile_id in profile_ids:
-                number = self._numbers.get(profile_id)
-                listed.append(number is not None and number in members)
-            return listed
+            numbers = self._numbers.find(profile_ids)
+            return [number is not None and number in members for number in numbers]
 
     def claim_profiles(self, profile_ids: Sequence[str]) -> List[bool]:
         """For the profile refresh: whether each profile's row is still to be written in
         this run, claiming it if so. A profile a walk listed, or claimed before, is not."""
         with self._lock:
             self._check_running()
-            return [self._number(profile_id)[1] for profile_id in profile_ids]
+            return [new for _, new in self._numbers.number(profile_ids)]
