@@ -58,6 +58,17 @@ class KlaviyoForeignOrigin(KlaviyoError, RequestException):
     """
 
 
+class ScratchFileError(KlaviyoError, OSError):
+    """The run's temporary file of listed profiles (`profile_numbers`) could not be used."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"This run's temporary file of listed profiles failed ({reason}). SQLite keeps it "
+            "in SQLITE_TMPDIR, else TMPDIR, else /var/tmp or /tmp: point one of them at a "
+            "writable folder with room for about 30 bytes a profile listed."
+        )
+
+
 def without_password(url: str) -> str:
     """The URL as it may be shown: a password in its user info replaced by `***`."""
     parts = urlsplit(url)

@@ -57,13 +57,14 @@ logger = logging.getLogger(__name__)
 # 1.4 GB of it; under a cap it spills to a temporary file instead. Since the walk tables'
 # merges skip deduplication, a merge of 1M memberships with profiles loads in about 6 s under
 # 64 MB (a first export appends, in about 3.5 s), with DuckDB's share of the peak about 120 MB
-# (150 MB at 96 MB, 200 MB at 128 MB). Each thread reads a row group at once, so the threads
-# are two whatever the machine: profiles of 20 KB each in 500-row groups loaded with two
-# threads under 64 MB as under 96 MB (30 KB failed under both), but not with eight. Insertion
-# order is not kept: dlt does not need it, and it costs memory.
+# (150 MB at 96 MB, 200 MB at 128 MB). One thread: each thread reads a row group at once and
+# keeps memory of its own beyond the cap; a 3M first export's load peaked 34 MB lower with
+# one than with two, and was no slower (docs/performance.md). Profiles of 20 KB each in
+# 500-row groups load under 64 MB with one thread as with two (30 KB fail with both).
+# Insertion order is not kept: dlt does not need it, and it costs memory.
 DUCKDB_SETTINGS: Dict[str, Any] = {
     "memory_limit": "64MB",
-    "threads": 2,
+    "threads": 1,
     "preserve_insertion_order": False,
 }
 # One table loads at a time, so the cap serves one reader: at 1M, 15 MB less, as fast.

@@ -1,9 +1,10 @@
 """Compact, exact maps keyed by Klaviyo profile ids, for structures that grow with the account.
 
-A run remembers every profile it listed, and a reconciliation holds when each member of a
-segment joined. As Python dicts these kept a string, a dict entry and a number for every id;
-here an entry is its 16 key bytes and a value of fixed width in a shared buffer (the figures
-are in docs/performance.md, "Memory at 10M").
+A reconciliation holds when each member of a segment joined. As a Python dict that kept a
+string, a dict entry and a datetime for every member; here an entry is its 16 key bytes and a
+value of fixed width in a shared buffer (the figures are in docs/performance.md, "Memory at
+10M"). The ids a run listed are numbered on disk instead (`profile_numbers`, which keys them
+as `ulid_key` does).
 
 Klaviyo's profile ids are ULIDs: 26 characters of Crockford base32, 128 bits. A canonical
 one (upper case, first character 0-7) is kept as its 16 bytes, which decode back to the very
@@ -94,18 +95,6 @@ class ProfileIdMap:
             self._append(bucket, key, value)
         else:
             self._value.pack_into(bucket, at + _KEY_BYTES, value)
-
-    def setdefault(self, profile_id: str, value: int) -> int:
-        """The id's value; `value`, kept, if it had none."""
-        key = ulid_key(profile_id)
-        if key is None:
-            return self._other_ids.setdefault(profile_id, value)
-        bucket, at = self._locate(key)
-        if at < 0:
-            self._append(bucket, key, value)
-            return value
-        found: int = self._value.unpack_from(bucket, at + _KEY_BYTES)[0]
-        return found
 
     def pop(self, profile_id: str) -> Optional[int]:
         """Remove an id; its value, or None if it was not there."""

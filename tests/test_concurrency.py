@@ -10,7 +10,7 @@ import random
 import sys
 import threading
 import traceback
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import dlt
 import pytest
@@ -19,6 +19,7 @@ from dlt.common.storages.live_schema_storage import LiveSchemaStorage
 from expected import loaded_memberships, true_memberships
 from scenarios import assert_run_was_exact, change_account, first_seen_at
 
+from klaviyo_source import profile_numbers
 from klaviyo_source.run import SegmentProgress
 from klaviyo_source.simulator import Account
 
@@ -118,14 +119,22 @@ def test_walk_threads_touch_neither_dlt_state_nor_context(
     assert loaded_memberships(pipeline) == true_memberships(account)
 
 
-@pytest.mark.parametrize("seed", [7, 8])
+@pytest.mark.parametrize(
+    "seed, in_memory_profiles",
+    [(7, None), (8, 5)],
+    ids=["profiles-numbered-in-memory", "most-numbered-in-sqlite"],
+)
 def test_runs_with_every_kind_of_change_stay_exact_when_threads_switch_constantly(
     seed: int,
+    in_memory_profiles: Optional[int],
     account: Account,
     source_for: Callable,
     make_pipeline: Callable,
     switching_often: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if in_memory_profiles is not None:
+        monkeypatch.setattr(profile_numbers, "IN_MEMORY_PROFILES", in_memory_profiles)
     rng = random.Random(seed)
     pipeline = make_pipeline()
     pipeline.run(source_for())

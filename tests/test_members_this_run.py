@@ -10,6 +10,7 @@ from typing import Callable, List, Tuple
 
 import pytest
 
+from klaviyo_source import profile_numbers
 from klaviyo_source.members_this_run import MembersThisRun, Sighting
 from klaviyo_source.simulator.account import make_ulid
 
@@ -18,6 +19,14 @@ NEW_PROFILE, NEW_MEMBERSHIP, REPEAT = (
     Sighting.NEW_MEMBERSHIP,
     Sighting.REPEAT,
 )
+
+
+@pytest.fixture(autouse=True, params=[0, 1000, None], ids=["in-sqlite", "spilled", "in-memory"])
+def numbered_where(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every case runs with the profiles numbered in SQLite, in memory, and in both (the first
+    thousand in memory)."""
+    if request.param is not None:
+        monkeypatch.setattr(profile_numbers, "IN_MEMORY_PROFILES", request.param)
 
 
 def ulids(count: int, seed: int = 1) -> List[str]:
