@@ -58,9 +58,9 @@ logger = logging.getLogger(__name__)
 # merges skip deduplication, a merge of 1M memberships with profiles loads in about 6 s under
 # 64 MB (a first export appends, in about 3.5 s), with DuckDB's share of the peak about 120 MB
 # (150 MB at 96 MB, 200 MB at 128 MB). One thread: each thread reads a row group at once and
-# keeps memory of its own beyond the cap; a 3M first export's load peaked 34 MB lower with
-# one than with two, and was no slower (docs/performance.md). Profiles of 20 KB each in
-# 500-row groups load under 64 MB with one thread as with two (30 KB fail with both).
+# keeps memory of its own beyond the cap; 3M first exports' loads peaked at 246 and 272 MB
+# with one, 273 and 280 with two, and were no slower (docs/performance.md). Profiles of 20 KB
+# each in 500-row groups load under 64 MB with one thread as with two (30 KB fail with both).
 # Insertion order is not kept: dlt does not need it, and it costs memory.
 DUCKDB_SETTINGS: Dict[str, Any] = {
     "memory_limit": "64MB",
