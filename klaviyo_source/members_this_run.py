@@ -6,10 +6,11 @@ the load's time and most of DuckDB's memory. A profile in twenty segments is lis
 times and its profile row loaded once; a member listed twice in one walk (it re-joined while
 the walk ran) is loaded once.
 
-Each profile id gets a number of its own, kept off the heap in a temporary SQLite database
-(`profile_numbers`); each segment keeps the numbers of its members in a Roaring bitmap, at
-most 2 bytes a membership. A dict of profile ids to segment bits, and later the ids packed
-in memory, grew with the account far more (docs/performance.md, "Memory at 10M").
+Each profile id gets a number of its own (`profile_numbers`: in memory for a run's first 250,000
+profiles, off the heap in a temporary SQLite database past them); each segment keeps the numbers
+of its members in a Roaring bitmap, at most 2 bytes a membership. A dict of profile ids to
+segment bits, and later the ids packed in memory, grew with the account far more
+(docs/performance.md, "Memory at 10M").
 
 The profile refresh (`profile_refresh`) writes profile rows too. It claims a profile's row
 here before writing it, which gives the profile a number in no segment: a profile a walk

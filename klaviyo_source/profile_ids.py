@@ -3,8 +3,8 @@
 A reconciliation holds when each member of a segment joined. As a Python dict that kept a
 string, a dict entry and a datetime for every member; here an entry is its 16 key bytes and a
 value of fixed width in a shared buffer (the figures are in docs/performance.md, "Memory at
-10M"). The ids a run listed are numbered on disk instead (`profile_numbers`, which keys them
-as `ulid_key` does).
+10M"). The ids a run listed are numbered in `profile_numbers`: in this map up to a bound, then
+in SQLite, keyed as `ulid_key` keys them.
 
 Klaviyo's profile ids are ULIDs: 26 characters of Crockford base32, 128 bits. A canonical
 one (upper case, first character 0-7) is kept as its 16 bytes, which decode back to the very

@@ -13,8 +13,9 @@ starts and before it yields the first segment. From then on the walks touch only
   connection is opened by the first walk (or setup, or refresh) that keeps it open and closed
   by the last, under the same lock, so no query finds it closed and none outlives the extract;
 - `members` (`MembersThisRun`): a lock around every read and write, its SQLite connection
-  (`ProfileNumbers`) included: made by whichever thread numbers the first profile, used by
-  each in turn, closed by `Run.end` once the extract is over (or when collected);
+  (`ProfileNumbers`) included: made by whichever thread numbers the first profile past those
+  numbered in memory, used by each in turn, closed by `Run.end` once the extract is over (or
+  when collected);
 - `progress` (`SegmentProgress`): the run's only writes to dlt state, under a lock. The dicts
   it writes are dlt's own, fetched here; a walk writes only its own segment's keys, and dlt
   reads the state again only once the extract pool has drained.
