@@ -20,11 +20,10 @@ from typing import Dict, Iterator, List, Optional, Set
 
 import duckdb
 import pytest
+from script_runs import REPO, SCRIPT, script_env
 
 from klaviyo_source.simulator import KlaviyoSimulator, generate_account
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "pipelines" / "klaviyo_pipeline.py"
 WRONG_KEY = "pk_wrong_0123456789abcdef"
 
 
@@ -132,18 +131,14 @@ def _run(
     folder: Path,
     processes: ForkServerContext,
 ) -> Outcome:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("SOURCES__", "DESTINATION__", "RUNTIME__", "DLT_DATA_DIR"))
-    }
     # dlt's own retry defaults, on purpose: an unreachable base_url must not wait them out.
-    env["DLT_DATA_DIR"] = str(folder / name / "dlt")
-    database = folder / name / "export.duckdb"
-    env["DESTINATION__DUCKDB__CREDENTIALS"] = str(database)
-    env["SOURCES__KLAVIYO__API_KEY"] = simulator.api_key
-    env["SOURCES__KLAVIYO__BASE_URL"] = simulator.base_url
-    env["SOURCES__KLAVIYO__RATE_LIMIT_TIME_SCALE"] = "1000"
+    env = script_env(
+        folder / name,
+        simulator.base_url,
+        simulator.api_key,
+        SOURCES__KLAVIYO__RATE_LIMIT_TIME_SCALE="1000",
+    )
+    database = Path(env["DESTINATION__DUCKDB__CREDENTIALS"])
     env.update(case.env)
     stdout, stderr = folder / f"{name}.out", folder / f"{name}.err"
     started = time.monotonic()
